@@ -1,0 +1,325 @@
+"""The one settings object: TOML file, then environment variables, then flags.
+
+Every key is documented in ``docs/configuration.md`` and shown by
+``pacs-bridge config --show``. Environment variables are named
+``PACS_BRIDGE_<SECTION>_<KEY>`` (for example ``PACS_BRIDGE_DICOM_PORT=11113``);
+list values are given as JSON (``'["MODALITY1", "PACS@10.0.0.5"]'``) or comma
+separated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pacs_bridge.errors import ConfigError
+
+__all__ = [
+    "AnalysisSettings",
+    "DestinationSettings",
+    "DicomSettings",
+    "LogSettings",
+    "ReportSettings",
+    "SendSettings",
+    "Settings",
+    "StorageSettings",
+    "StudySettings",
+    "WatchSettings",
+    "WebSettings",
+    "load_settings",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae(value: str) -> str:
+    """AE titles are 1-16 characters of the default repertoire, no backslash (PS3.5 §6.2, AE VR)."""
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(stripped):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DicomSettings(_Section):
+    """``[dicom]``: the DICOM listener (C-STORE SCP, C-ECHO SCP)."""
+
+    ae_title: str = Field("PACS_BRIDGE", description="Our AE title; called AE titles must match it.")
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(11112, ge=1, le=65535, description="TCP port to listen on.")
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to connect, each 'AET' or 'AET@host'. Empty: any (logged as a warning).",
+    )
+    require_called_aet: bool = Field(True, description="Refuse associations whose called AE title is not ae_title.")
+    max_associations: int = Field(16, ge=1, le=1000, description="Concurrent associations accepted.")
+    max_pdu_size: int = Field(0, ge=0, description="Maximum PDU size we receive, bytes; 0 = unlimited.")
+    max_instance_mb: float = Field(1024, gt=0, description="Largest instance accepted, MiB; larger ones are refused.")
+    network_timeout: float = Field(60, gt=0, description="Seconds of silence before an association is aborted.")
+    acse_timeout: float = Field(30, gt=0, description="Seconds to wait for association messages.")
+    dimse_timeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
+    tls_cert: Path | None = Field(None, description="PEM server certificate; enables DICOM TLS (PS3.15 B.1).")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_ca: Path | None = Field(None, description="PEM CA bundle used to verify client certificates.")
+    tls_require_client_cert: bool = Field(False, description="Refuse TLS clients without a certificate from tls_ca.")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _allowed(cls, values: list[str]) -> list[str]:
+        out = []
+        for item in values:
+            aet, _, host = item.partition("@")
+            _check_ae(aet)
+            out.append(f"{aet.strip()}@{host.strip()}" if host else aet.strip())
+        return out
+
+
+class StorageSettings(_Section):
+    """``[storage]``: where received instances and the database live."""
+
+    data_dir: Path = Field(Path("pacs-bridge-data"), description="Data folder: spool, outputs, heatmaps, SQLite file.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty = SQLite file <data_dir>/pacs-bridge.db. PostgreSQL to scale out."
+    )
+    min_free_mb: float = Field(
+        500, ge=0, description="Free disk below which stores are refused with 0xA700 (out of resources)."
+    )
+    fsync: bool = Field(True, description="fsync each file and its folder before acknowledging (keep on).")
+
+    def resolved_database_url(self) -> str:
+        """The database URL, with the SQLite default filled in."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'pacs-bridge.db').resolve()}"
+
+
+class WatchSettings(_Section):
+    """``[watch]``: the folder watcher, a second way in."""
+
+    enabled: bool = Field(True, description="Watch the inbox folder.")
+    inbox: Path | None = Field(None, description="Folder to watch; empty = <data_dir>/inbox.")
+    stable_seconds: float = Field(2.0, ge=0, description="A file is read once its size is unchanged this long.")
+    poll_seconds: float = Field(1.0, gt=0, description="Also rescan the inbox this often (missed events, NFS).")
+
+
+class StudySettings(_Section):
+    """``[study]``: when a study is complete, and which studies are analysed."""
+
+    settle_seconds: float = Field(10.0, ge=0, description="Quiet period after the last instance before a study settles.")
+    modalities: list[str] = Field(
+        default_factory=lambda: ["CR", "DX", "DR"], description="Modalities routed to analysis; others are skipped."
+    )
+    sop_classes: list[str] = Field(
+        default_factory=lambda: [
+            "1.2.840.10008.5.1.4.1.1.1",
+            "1.2.840.10008.5.1.4.1.1.1.1",
+            "1.2.840.10008.5.1.4.1.1.1.1.1",
+            "1.2.840.10008.5.1.4.1.1.7",
+        ],
+        description="SOP classes analysed within a routed study (CR, DX, SC).",
+    )
+
+
+class AnalysisSettings(_Section):
+    """``[analysis]``: the inference worker."""
+
+    enabled: bool = Field(True, description="Run the analysis worker inside serve.")
+    model_dir: Path | None = Field(None, description="Model folder; empty = the bundled models/fracatlas-cnn.")
+    providers: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'tensorrt'.")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = runtime default.")
+    batch_size: int = Field(8, ge=1, le=256, description="Images per inference batch.")
+    max_attempts: int = Field(5, ge=1, description="Attempts for transient failures before a study is failed.")
+    retry_seconds: float = Field(30, gt=0, description="First retry delay; doubles each attempt.")
+    max_pixels: int = Field(100_000_000, gt=0, description="Largest image analysed (decompression-bomb cap).")
+
+
+class ReportSettings(_Section):
+    """``[report]``: the objects sent back to the PACS."""
+
+    structured_report: bool = Field(True, description="Produce a TID 1500 Comprehensive 3D SR per study.")
+    annotated_image: bool = Field(True, description="Produce an annotated secondary capture per analysed image.")
+    annotate_negatives: bool = Field(True, description="Also produce annotated images for negative findings.")
+    heatmap_opacity: float = Field(0.35, ge=0, le=1, description="Opacity of the heatmap blended over the image.")
+    heatmap_min: float = Field(0.3, ge=0, le=1, description="Heatmap values below this are not drawn.")
+    banner_disclaimer: str = Field("AI result, not a diagnosis", description="Banner text on annotated images.")
+    manufacturer: str = Field("pacs-bridge", description="Manufacturer written in the objects.")
+    institution_name: str | None = Field(None, description="Institution Name written in the objects, if set.")
+
+
+class SendSettings(_Section):
+    """``[send]``: delivery of results to destinations."""
+
+    retry_initial_seconds: float = Field(30, gt=0, description="First retry delay; doubles each attempt.")
+    retry_max_seconds: float = Field(1800, gt=0, description="Longest delay between two attempts.")
+    retry_for_hours: float = Field(24, gt=0, description="Give up (dead letter) after this long.")
+    timeout: float = Field(30, gt=0, description="Association and DIMSE timeout, seconds.")
+
+
+class DestinationSettings(_Section):
+    """``[[destinations]]``: a DICOM node that receives results (usually the PACS that sent the study)."""
+
+    name: str = Field(..., min_length=1, max_length=64, description="Name used in logs and the outbox.")
+    ae_title: str = Field(..., description="The destination's AE title.")
+    host: str = Field(..., min_length=1, description="Host name or address.")
+    port: int = Field(..., ge=1, le=65535, description="TCP port.")
+    calling_ae_title: str | None = Field(None, description="Our AE title for this destination; default [dicom] ae_title.")
+    tls: bool = Field(False, description="Use DICOM TLS.")
+    tls_ca: Path | None = Field(None, description="CA bundle that verifies the destination.")
+    tls_cert: Path | None = Field(None, description="Our client certificate, if the destination asks for one.")
+    tls_key: Path | None = Field(None, description="Key of tls_cert.")
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae(value)
+
+
+class WebSettings(_Section):
+    """``[web]``: the web console and HTTP API."""
+
+    enabled: bool = Field(True, description="Serve the web console.")
+    host: str = Field("127.0.0.1", description="Address of the console.")
+    port: int = Field(8080, ge=1, le=65535, description="Port of the console.")
+    username: str = Field("admin", description="Console user (HTTP basic authentication).")
+    password: str = Field("", description="Console password; empty = generated at start and logged once.")
+
+
+class LogSettings(_Section):
+    """``[log]``: logging."""
+
+    level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR. Patient data appears at DEBUG only.")
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value
+
+
+class Settings(_Section):
+    """All settings of pacs-bridge."""
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)  # type: ignore[arg-type]
+    storage: StorageSettings = Field(default_factory=StorageSettings)  # type: ignore[arg-type]
+    watch: WatchSettings = Field(default_factory=WatchSettings)  # type: ignore[arg-type]
+    study: StudySettings = Field(default_factory=StudySettings)  # type: ignore[arg-type]
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)  # type: ignore[arg-type]
+    report: ReportSettings = Field(default_factory=ReportSettings)  # type: ignore[arg-type]
+    send: SendSettings = Field(default_factory=SendSettings)  # type: ignore[arg-type]
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    web: WebSettings = Field(default_factory=WebSettings)  # type: ignore[arg-type]
+    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
+
+    @property
+    def inbox(self) -> Path:
+        """The watched folder, with its default filled in."""
+        return self.watch.inbox if self.watch.inbox is not None else self.storage.data_dir / "inbox"
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """Effective settings as plain data (paths as strings, secrets masked)."""
+        data = json.loads(self.model_dump_json())
+        if data["web"].get("password"):
+            data["web"]["password"] = "********"
+        data["storage"]["database_url"] = self.storage.resolved_database_url()
+        data["watch"]["inbox"] = str(self.inbox)
+        return data
+
+
+_SECTIONS = [name for name in Settings.model_fields if name != "destinations"]
+
+
+def _env_value(raw: str, annotation: Any) -> Any:
+    text = raw.strip()
+    if "list" in str(annotation):
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return text
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for section in _SECTIONS:
+        model = Settings.model_fields[section].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key, field in model.model_fields.items():
+            name = f"PACS_BRIDGE_{section}_{key}".upper()
+            if name in environ:
+                out.setdefault(section, {})[key] = _env_value(environ[name], field.annotation)
+    if "PACS_BRIDGE_DESTINATIONS" in environ:
+        out["destinations"] = json.loads(environ["PACS_BRIDGE_DESTINATIONS"])  # type: ignore[assignment]
+    return out
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load settings from ``path`` (TOML), then ``environ``, then ``overrides`` (flags).
+
+    Raises :class:`~pacs_bridge.errors.ConfigError` with one line per problem.
+    """
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is None and environ.get("PACS_BRIDGE_CONFIG"):
+        path = Path(environ["PACS_BRIDGE_CONFIG"])
+    if path is not None:
+        origin = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        env_data = _from_env(environ)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"environment: a PACS_BRIDGE_ list value is not valid JSON: {exc}") from exc
+    if env_data:
+        origin += " + environment"
+    data = _merge(data, env_data)
+    if overrides:
+        origin += " + flags"
+        data = _merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from exc

@@ -1,0 +1,110 @@
+"""Network definitions: a compact CNN and optional ``keras.applications`` backbones.
+
+Every network ends in global average pooling over its last convolutional
+feature maps ``F`` (``[N, h, w, C]``) followed by two heads:
+
+* ``probability``: ``sigmoid(GAP(F) . w + b)``, the fracture probability;
+* ``body_part``: a softmax over :data:`trainer.BODY_PARTS`.
+
+The class-activation map is computed in the graph by applying the *same*
+dense layer of the probability head to every position of ``F``:
+``heatmap = sigmoid(F . w + b)`` with shape ``[N, h, w]``. Because the
+pooling is linear, the mean of the pre-sigmoid map equals the logit of
+``probability``, so the map shows where the evidence for the prediction is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from trainer import BODY_PARTS
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["ARCHITECTURES", "NetConfig", "build_models"]
+
+ARCHITECTURES: tuple[str, ...] = ("compact", "mobilenetv2", "efficientnetb0", "densenet121")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture choice. ``width`` is the first stage's filter count (compact net)."""
+
+    arch: str = "compact"
+    size: int = 256
+    channels: int = 1
+    width: int = 24
+    dropout: float = 0.3
+    weights: str | None = None
+
+
+def _compact_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
+    """Plain VGG-like stack with batch norm: stem, then four stages halving resolution."""
+    from keras import layers  # noqa: PLC0415
+
+    def conv(x, filters: int, stride: int = 1, name: str = ""):  # type: ignore[no-untyped-def]
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x)
+
+    w = cfg.width
+    x = conv(inputs, w, stride=2, name="stem")
+    stages = (w, 2 * w, 4 * w, 8 * w, 12 * w)
+    for index, filters in enumerate(stages):
+        if index > 0:
+            x = layers.MaxPooling2D(2, name=f"pool{index}")(x)
+        x = conv(x, filters, name=f"s{index}a")
+        if index > 0:
+            x = conv(x, filters, name=f"s{index}b")
+    return x
+
+
+def _application_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
+    """Feature maps of a ``keras.applications`` backbone (3 channels fed from the input)."""
+    import keras  # noqa: PLC0415
+    from keras import layers  # noqa: PLC0415
+
+    x = inputs
+    if cfg.channels == 1:
+        x = layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+    shape = (cfg.size, cfg.size, 3)
+    builders = {
+        "mobilenetv2": keras.applications.MobileNetV2,
+        "efficientnetb0": keras.applications.EfficientNetB0,
+        "densenet121": keras.applications.DenseNet121,
+    }
+    backbone = builders[cfg.arch](include_top=False, weights=cfg.weights, input_shape=shape)
+    return backbone(x)
+
+
+def build_models(cfg: NetConfig):  # type: ignore[no-untyped-def]
+    """Return ``(full_model, train_model)`` sharing all layers.
+
+    ``full_model`` has the outputs ``probability`` ``[N, 1]``, ``heatmap``
+    ``[N, h, w]`` and ``body_part`` ``[N, 4]`` (this is the model that is
+    saved and exported); ``train_model`` has only the two supervised outputs.
+    """
+    import keras  # noqa: PLC0415
+    from keras import layers  # noqa: PLC0415
+
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {cfg.arch!r}; choose from {ARCHITECTURES}")
+    inputs = keras.Input(shape=(cfg.size, cfg.size, cfg.channels), name="image")
+    features = _compact_features(inputs, cfg) if cfg.arch == "compact" else _application_features(inputs, cfg)
+    pooled = layers.GlobalAveragePooling2D(name="gap")(features)
+    dropped = layers.Dropout(cfg.dropout, name="dropout")(pooled)
+    fracture_dense = layers.Dense(1, name="fracture_logit")
+    logit = fracture_dense(dropped)
+    probability = layers.Activation("sigmoid", name="probability")(logit)
+    body_part = layers.Dense(len(BODY_PARTS), activation="softmax", name="body_part")(dropped)
+    cam_logits = fracture_dense(features)
+    h, w = int(features.shape[1]), int(features.shape[2])
+    cam = layers.Reshape((h, w), name="cam_logits")(cam_logits)
+    heatmap = layers.Activation("sigmoid", name="heatmap")(cam)
+    full = keras.Model(
+        inputs, {"probability": probability, "heatmap": heatmap, "body_part": body_part}, name=f"fracture_{cfg.arch}"
+    )
+    train = keras.Model(inputs, {"probability": probability, "body_part": body_part}, name=f"train_{cfg.arch}")
+    LOGGER.info("built %s: %d parameters, heatmap %dx%d", cfg.arch, full.count_params(), h, w)
+    return full, train

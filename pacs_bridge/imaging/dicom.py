@@ -49,7 +49,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
+from pydicom.pixels.utils import pixel_array
 
 from pacs_bridge.imaging.loader import ImageReadError
 
@@ -155,12 +156,12 @@ def _read(path: Path) -> Dataset:
         return pydicom.dcmread(path)
     except InvalidDicomError:
         pass
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
+    except Exception as exc:
         raise DicomDecodeError(f"{path}: not a readable DICOM file ({exc})") from exc
     # No preamble/"DICM": accept only if it parses as a dataset with image attributes.
     try:
         ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DicomDecodeError(f"{path}: not a DICOM file ({exc})") from exc
     if "SOPClassUID" not in ds and "PixelData" not in ds:
         raise DicomDecodeError(f"{path}: not a DICOM file (no DICM prefix and no DICOM attributes)")
@@ -203,9 +204,7 @@ def _check(ds: Dataset, name: str, max_pixels: int) -> tuple[str, int, int, int,
     if rows <= 0 or cols <= 0:
         raise DicomDecodeError(f"{name}: zero-size image ({cols}x{rows})")
     if rows * cols > max_pixels:
-        raise DicomDecodeError(
-            f"{name}: image too large ({cols}x{rows} = {rows * cols} pixels, limit {max_pixels})"
-        )
+        raise DicomDecodeError(f"{name}: image too large ({cols}x{rows} = {rows * cols} pixels, limit {max_pixels})")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric not in _MONOCHROME + _COLOUR:
         raise DicomDecodeError(f"{name}: unsupported Photometric Interpretation {photometric or '(missing)'!r}")
@@ -229,12 +228,11 @@ def _check(ds: Dataset, name: str, max_pixels: int) -> tuple[str, int, int, int,
     if frames < 1:
         raise DicomDecodeError(f"{name}: invalid Number of Frames {frames}")
     if not tsyntax.is_compressed:
-        expected = rows * cols * samples * (allocated // 8)
+        per_pixel = 2 if photometric == "YBR_FULL_422" else samples  # PS3.5 8.2.1: 4 values per 2 pixels
+        expected = rows * cols * per_pixel * (allocated // 8)
         actual = len(ds.PixelData)
         if actual < expected:
-            raise DicomDecodeError(
-                f"{name}: truncated pixel data ({actual} bytes, first frame needs {expected})"
-            )
+            raise DicomDecodeError(f"{name}: truncated pixel data ({actual} bytes, first frame needs {expected})")
     return str(tsyntax), rows, cols, allocated, stored, signed, frames, samples
 
 
@@ -262,7 +260,7 @@ def _window_linear(values: FloatImage, center: float, width: float, function: st
     else:  # LINEAR (C.11.2.1.2.1)
         span = max(width - 1.0, 1e-6)
         out = (values - (center - 0.5)) / span + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return np.asarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
 def _apply_voi(
@@ -272,7 +270,7 @@ def _apply_voi(
         try:
             out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float32)
             lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float32)
-        except Exception as exc:  # noqa: BLE001 - malformed LUTs are a bad file
+        except Exception as exc:
             raise DicomDecodeError(f"{name}: invalid VOI LUT Sequence ({exc})") from exc
         low, high = float(lut.min()), float(lut.max())
         scaled = (out - low) / (high - low) if high > low else np.zeros_like(out)
@@ -300,9 +298,7 @@ def _apply_voi(
     return out, WindowInfo("percentile", (low + high) / 2.0, high - low, "LINEAR_EXACT")
 
 
-def decode(
-    source: Dataset | str | PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> DecodedImage:
+def decode(source: Dataset | str | PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode a DICOM file or dataset into a :class:`DecodedImage`.
 
     ``max_pixels`` caps rows x columns (default 100 megapixels). Multi-frame
@@ -314,16 +310,14 @@ def decode(
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     try:
         stored = pixel_array(ds, index=0) if frames > 1 else pixel_array(ds)
-    except Exception as exc:  # noqa: BLE001 - decoder errors vary by plugin
+    except Exception as exc:
         raise DicomDecodeError(f"{name}: corrupt or truncated pixel data ({type(exc).__name__}: {exc})") from exc
     expected_shape = (rows, cols) if samples == 1 else (rows, cols, samples)
     if stored.shape != expected_shape:
         if stored.ndim == len(expected_shape) + 1 and stored.shape[1:] == expected_shape:
             stored = stored[0]
         else:
-            raise DicomDecodeError(
-                f"{name}: decoded pixel data has shape {stored.shape}, expected {expected_shape}"
-            )
+            raise DicomDecodeError(f"{name}: decoded pixel data has shape {stored.shape}, expected {expected_shape}")
 
     padding = 0
     if photometric in _COLOUR:
@@ -334,7 +328,7 @@ def decode(
         mask = _padding_mask(ds, stored)
         try:
             values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-        except Exception as exc:  # noqa: BLE001 - malformed LUTs are a bad file
+        except Exception as exc:
             raise DicomDecodeError(f"{name}: invalid Modality LUT ({exc})") from exc
         valid = ~mask if mask is not None else None
         pixels, window = _apply_voi(ds, values, valid, name)

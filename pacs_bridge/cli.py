@@ -1,0 +1,308 @@
+"""The ``pacs-bridge`` command.
+
+::
+
+    pacs-bridge serve     [--config FILE] [--port N] [--data-dir DIR] ...
+    pacs-bridge results   [--config FILE] [--json] [--limit N]
+    pacs-bridge config    [--config FILE] --show
+    pacs-bridge infer     [--model DIR] [--json] PATH...
+    pacs-bridge reanalyse [--config FILE] STUDY_UID
+    pacs-bridge resend    [--config FILE] STUDY_UID
+    pacs-bridge train | evaluate | export ...   (needs the train extra)
+
+Only this module configures logging handlers. TensorFlow is imported only by
+``train``, ``evaluate`` and ``export``, through ``trainer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pacs_bridge.config import Settings, load_settings
+from pacs_bridge.errors import ConfigError
+
+__all__ = ["main"]
+
+LOGGER = logging.getLogger(__name__)
+
+
+def setup_logging(level: str) -> None:
+    """One handler on stderr; pynetdicom's own chatter only at DEBUG."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    if level.upper() != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for flag, section, key in (
+        ("port", "dicom", "port"),
+        ("host", "dicom", "host"),
+        ("ae_title", "dicom", "ae_title"),
+        ("data_dir", "storage", "data_dir"),
+        ("database_url", "storage", "database_url"),
+        ("inbox", "watch", "inbox"),
+        ("settle_seconds", "study", "settle_seconds"),
+        ("model", "analysis", "model_dir"),
+        ("log_level", "log", "level"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return load_settings(args.config, overrides=overrides)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    from pacs_bridge.service import Service  # noqa: PLC0415
+
+    return Service(settings).run()
+
+
+def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
+    from sqlalchemy import select  # noqa: PLC0415
+
+    from pacs_bridge.store.db import open_database  # noqa: PLC0415
+    from pacs_bridge.store.models import Delivery, DeliveryState, Instance, InstanceResult, OutputObject, Study
+
+    db = open_database(settings.storage.resolved_database_url())
+    rows: list[dict[str, Any]] = []
+    try:
+        with db.sessions() as session:
+            studies = session.scalars(
+                select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(limit)
+            ).all()
+            for study in studies:
+                results = session.execute(
+                    select(Instance.sop_instance_uid, InstanceResult)
+                    .join(InstanceResult, InstanceResult.instance_id == Instance.id)
+                    .where(Instance.study_id == study.id)
+                    .order_by(Instance.instance_number, Instance.id)
+                ).all()
+                deliveries = session.scalars(
+                    select(Delivery).join(OutputObject).where(OutputObject.study_id == study.id)
+                ).all()
+                rows.append(
+                    {
+                        "study_instance_uid": study.study_instance_uid,
+                        "state": study.state.value,
+                        "reason": study.state_reason,
+                        "instances": study.instance_count,
+                        "bytes": study.total_bytes,
+                        "modalities": study.modalities,
+                        "calling_aet": study.calling_aet,
+                        "accession_number": study.accession_number,
+                        "study_date": study.study_date,
+                        "received_at": study.last_received_at.isoformat() if study.last_received_at else None,
+                        "analysed_at": study.analysed_at.isoformat() if study.analysed_at else None,
+                        "model": {"name": study.model_name, "version": study.model_version}
+                        if study.model_name
+                        else None,
+                        "max_probability": study.max_probability,
+                        "fracture": study.fracture,
+                        "positive_instances": study.positive_instances,
+                        "findings": [
+                            {
+                                "sop_instance_uid": sop_uid,
+                                "probability": r.probability,
+                                "fracture": r.fracture,
+                                "threshold": r.threshold,
+                                "body_part": r.body_part,
+                                "box": r.box,
+                                "error": r.error,
+                                "model": {"name": r.model_name, "version": r.model_version},
+                            }
+                            for sop_uid, r in results
+                        ],
+                        "deliveries": {
+                            state.value: sum(1 for d in deliveries if d.state == state) for state in DeliveryState
+                        }
+                        if deliveries
+                        else {},
+                    }
+                )
+    finally:
+        db.dispose()
+    return rows
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging("WARNING")
+    rows = _study_rows(settings, args.limit)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    header = f"{'study instance UID':<64}  {'state':<9}  {'inst':>4}  {'max p':>6}  {'finding':<10}  received"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        prob = "" if row["max_probability"] is None else f"{row['max_probability']:.3f}"
+        finding = "" if row["fracture"] is None else ("FRACTURE" if row["fracture"] else "none")
+        print(
+            f"{row['study_instance_uid']:<64}  {row['state']:<9}  {row['instances']:>4}  {prob:>6}  "
+            f"{finding:<10}  {row['received_at'] or ''}"
+        )
+        if row["reason"]:
+            print(f"{'':<66}{row['reason']}")
+        dead = row["deliveries"].get("dead", 0)
+        if dead:
+            print(f"{'':<66}{dead} result objects undeliverable (dead letters): pacs-bridge resend")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.show:
+        import tomli_w  # noqa: PLC0415
+
+        data = settings.to_toml_dict()
+        print(tomli_w.dumps(_drop_none(data)))
+    else:
+        print("configuration is valid")
+    return 0
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _cmd_reanalyse(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    from pacs_bridge.pipeline.jobs import request_reanalysis  # noqa: PLC0415
+    from pacs_bridge.store.db import open_database  # noqa: PLC0415
+
+    db = open_database(settings.storage.resolved_database_url())
+    with db.session() as session:
+        found = request_reanalysis(session, args.study_uid)
+    db.dispose()
+    if not found:
+        print(f"no study {args.study_uid}", file=sys.stderr)
+        return 1
+    print(f"study {args.study_uid} queued for re-analysis")
+    return 0
+
+
+def _cmd_resend(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    from pacs_bridge.send.outbox import resend_study  # noqa: PLC0415
+    from pacs_bridge.store.db import open_database  # noqa: PLC0415
+
+    db = open_database(settings.storage.resolved_database_url())
+    count = resend_study(db, args.study_uid)
+    db.dispose()
+    if not count:
+        print(f"no result objects for study {args.study_uid}", file=sys.stderr)
+        return 1
+    print(f"{count} deliveries of study {args.study_uid} queued again")
+    return 0
+
+
+def _delegate(module: str, function: str, argv: list[str]) -> int:
+    import importlib  # noqa: PLC0415
+
+    try:
+        target = getattr(importlib.import_module(module), function)
+    except ImportError as exc:
+        print(
+            f"this command needs the train extra (pip install 'pacs-bridge[train]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    return int(target(argv))
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file (default: $PACS_BRIDGE_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="override [storage] data_dir")
+    parser.add_argument("--database-url", help="override [storage] database_url")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pacs-bridge``."""
+    parser = argparse.ArgumentParser(prog="pacs-bridge", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="receive studies, analyse them, send results back")
+    _add_common(serve)
+    serve.add_argument("--port", type=int, help="override [dicom] port")
+    serve.add_argument("--host", help="override [dicom] host")
+    serve.add_argument("--ae-title", help="override [dicom] ae_title")
+    serve.add_argument("--inbox", type=Path, help="override [watch] inbox")
+    serve.add_argument("--settle-seconds", type=float, help="override [study] settle_seconds")
+    serve.add_argument("--model", type=Path, help="override [analysis] model_dir")
+    serve.add_argument("--log-level", help="override [log] level")
+    serve.set_defaults(func=_cmd_serve)
+
+    results = sub.add_parser("results", help="list studies, newest first, with state and findings")
+    _add_common(results)
+    results.add_argument("--json", action="store_true", help="one JSON object per study per line")
+    results.add_argument("--limit", type=int, default=100, help="at most this many studies (default 100)")
+    results.set_defaults(func=_cmd_results)
+
+    config = sub.add_parser("config", help="check the configuration; --show prints the effective settings")
+    _add_common(config)
+    config.add_argument("--show", action="store_true", help="print the effective settings as TOML")
+    config.set_defaults(func=_cmd_config)
+
+    reanalyse = sub.add_parser("reanalyse", help="analyse a study again")
+    _add_common(reanalyse)
+    reanalyse.add_argument("study_uid")
+    reanalyse.set_defaults(func=_cmd_reanalyse)
+
+    resend = sub.add_parser("resend", help="send a study's result objects again to every destination")
+    _add_common(resend)
+    resend.add_argument("study_uid")
+    resend.set_defaults(func=_cmd_resend)
+
+    for name, module, function, text in (
+        ("infer", "pacs_bridge.inference.infer_cli", "infer_main", "analyse DICOM, PNG or JPEG files"),
+        ("train", "trainer.cli", "train_main", "train a model (train extra)"),
+        ("evaluate", "trainer.cli", "evaluate_main", "evaluate an exported model (train extra)"),
+        ("export", "trainer.cli", "export_main", "export a Keras model to ONNX (train extra)"),
+    ):
+        passthrough = sub.add_parser(name, help=text, add_help=False)
+        passthrough.set_defaults(func=None, delegate=(module, function))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pacs-bridge`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in ("infer", "train", "evaluate", "export"):
+        args, rest = parser.parse_known_args(argv[:1])
+        module, function = args.delegate
+        return _delegate(module, function, argv[1:] + rest)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"pacs-bridge: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

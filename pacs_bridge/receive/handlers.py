@@ -1,0 +1,218 @@
+"""DIMSE event handlers: association policy, C-ECHO and C-STORE.
+
+C-STORE (PS3.4 Annex B, Storage Service Class as SCP) writes the bytes as
+received (``event.encoded_dataset()``: File Meta Information plus the data set
+in its transfer syntax, PS3.10 §7) and answers only after the spool file and
+its index row are durable. C-ECHO is the Verification Service Class (PS3.4
+Annex A). Every handler answers with a status; none raises.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import events as evt
+
+from pacs_bridge.receive.ingest import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    Ingestor,
+)
+
+__all__ = ["AssociationPolicy", "AssociationStats", "Handlers"]
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class AssociationStats:
+    """Counters for one association, logged when it ends."""
+
+    calling_aet: str
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes: int = 0
+    studies: set[str] = field(default_factory=set)
+
+
+def _host_matches(peer: str, allowed: str) -> bool:
+    if peer == allowed:
+        return True
+    try:
+        if ipaddress.ip_address(peer) in ipaddress.ip_network(allowed, strict=False):
+            return True
+    except ValueError:
+        pass
+    try:
+        return peer in {info[4][0] for info in socket.getaddrinfo(allowed, None)}
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class AssociationPolicy:
+    """Who may associate: calling AE titles (optionally bound to a host or network)."""
+
+    allowed: tuple[str, ...]
+
+    def permits(self, calling_aet: str, peer: str) -> bool:
+        """True if ``calling_aet`` from ``peer`` may store here. An empty list permits all."""
+        if not self.allowed:
+            return True
+        for entry in self.allowed:
+            aet, _, host = entry.partition("@")
+            if aet == calling_aet and (not host or _host_matches(peer, host)):
+                return True
+        return False
+
+
+class Handlers:
+    """The SCP's event handlers, bound to one :class:`Ingestor`."""
+
+    def __init__(self, ingestor: Ingestor, policy: AssociationPolicy, on_stored: Callable[[str], None]) -> None:
+        self.ingestor = ingestor
+        self.policy = policy
+        self.on_stored = on_stored
+        self._stats: dict[int, AssociationStats] = {}
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
+        """``evt_handlers`` for ``AE.start_server``."""
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_RELEASED, self.on_closed),
+            (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
+        ]
+
+    def on_requested(self, event: Any) -> None:
+        """Reject callers outside the allow-list: A-ASSOCIATE-RJ, calling AE title not recognised (PS3.8 9.3.4)."""
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        peer = assoc.requestor.address
+        if not self.policy.permits(calling, peer):
+            LOGGER.warning(
+                "association from %s at %s rejected: calling AE title not in [dicom] allowed_calling_aets",
+                calling,
+                peer,
+            )
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.is_rejected = True
+
+    def on_established(self, event: Any) -> None:
+        """Start counting for the association."""
+        assoc = event.assoc
+        with self._lock:
+            self._stats[id(assoc)] = AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+
+    def on_echo(self, event: Any) -> int:
+        """C-ECHO: always success once associated."""
+        LOGGER.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
+        return 0x0000
+
+    def on_store(self, event: Any) -> int | tuple[int, str]:
+        """C-STORE: store durably, then answer."""
+        stats = self._stats.get(id(event.assoc))
+        with self._lock:
+            self.in_flight += 1
+        try:
+            return self._store(event, stats)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _store(self, event: Any, stats: AssociationStats | None) -> int:
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            data = event.encoded_dataset()
+            ds = event.dataset
+            transfer_syntax = str(event.context.transfer_syntax)
+        except Exception as exc:
+            LOGGER.warning("C-STORE from %s refused, data set cannot be decoded: %s", calling, exc)
+            if stats:
+                stats.failed += 1
+            return STATUS_CANNOT_UNDERSTAND
+        try:
+            outcome = self.ingestor.ingest(
+                ds,
+                (data,),
+                size=len(data),
+                transfer_syntax=transfer_syntax,
+                calling_aet=calling,
+                source="dicom",
+                expected_sop_class=str(event.context.abstract_syntax),
+            )
+        except Exception:
+            LOGGER.exception("C-STORE from %s failed unexpectedly; refused, nothing stored", calling)
+            if stats:
+                stats.failed += 1
+            return STATUS_OUT_OF_RESOURCES
+        if not outcome.ok:
+            LOGGER.warning(
+                "C-STORE of %s from %s refused (0x%04X): %s",
+                outcome.sop_instance_uid or "unknown instance",
+                calling,
+                outcome.status,
+                outcome.message,
+            )
+            if stats:
+                stats.failed += 1
+            return outcome.status
+        if stats:
+            stats.bytes += outcome.size_bytes
+            if outcome.study_instance_uid:
+                stats.studies.add(outcome.study_instance_uid)
+            if outcome.duplicate:
+                stats.duplicates += 1
+            else:
+                stats.stored += 1
+        if not outcome.duplicate and outcome.study_instance_uid:
+            self.on_stored(outcome.study_instance_uid)
+        return 0x0000
+
+    def on_closed(self, event: Any) -> None:
+        """Log one line per association."""
+        stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        how = "aborted" if event.event is evt.EVT_ABORTED else "released"
+        LOGGER.info(
+            "association from %s at %s %s: %d stored, %d duplicates, %d refused, %d bytes, %d studies %s, %.2f s",
+            stats.calling_aet,
+            stats.peer,
+            how,
+            stats.stored,
+            stats.duplicates,
+            stats.failed,
+            stats.bytes,
+            len(stats.studies),
+            ",".join(sorted(stats.studies)[:5]),
+            time.monotonic() - stats.started,
+        )
+
+    def on_conn_close(self, event: Any) -> None:
+        """A connection closed without release or abort (peer vanished): log it once."""
+        stats = self._stats.pop(id(event.assoc), None)
+        if stats is not None:
+            LOGGER.info(
+                "connection from %s at %s closed: %d stored, %d refused, %.2f s",
+                stats.calling_aet,
+                stats.peer,
+                stats.stored,
+                stats.failed,
+                time.monotonic() - stats.started,
+            )

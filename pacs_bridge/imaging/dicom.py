@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
@@ -236,6 +237,40 @@ def _check(ds: Dataset, name: str, max_pixels: int) -> tuple[str, int, int, int,
     return str(tsyntax), rows, cols, allocated, stored, signed, frames, samples
 
 
+_JPEG_FAMILY = {
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+}
+_JPEG2000_FAMILY = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+
+
+def _check_codestream(ds: Dataset, tsyntax: str, frames: int, name: str) -> None:
+    """Refuse a first frame whose codestream lacks its start or end marker (PS3.5 A.4, ISO 10918-1, 15444-1).
+
+    Some decoders silently fill a truncated JPEG or JPEG-LS scan with
+    invented pixels; an interrupted transfer must not become an image.
+    """
+    if tsyntax not in _JPEG_FAMILY and tsyntax not in _JPEG2000_FAMILY:
+        return
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+    except Exception as exc:
+        raise DicomDecodeError(f"{name}: corrupt or truncated encapsulated pixel data ({exc})") from exc
+    body = frame.rstrip(b"\x00")  # fragments are padded to an even length
+    if tsyntax in _JPEG_FAMILY:
+        start_ok = body[:2] == b"\xff\xd8"  # SOI
+    else:
+        start_ok = body[:2] == b"\xff\x4f" or body[4:8] == b"jP  "  # SOC, or a JP2 file header
+    if not start_ok:
+        raise DicomDecodeError(f"{name}: corrupt pixel data (the first frame does not start with a codestream)")
+    if body[-2:] != b"\xff\xd9":  # EOI (JPEG, JPEG-LS) / EOC (JPEG 2000)
+        raise DicomDecodeError(f"{name}: truncated pixel data (the first frame's codestream has no end marker)")
+
+
 def _padding_mask(ds: Dataset, stored: npt.NDArray[Any]) -> npt.NDArray[np.bool_] | None:
     """Pixels equal to Pixel Padding Value, or within its Range Limit (PS3.3 C.7.5.1.1.2)."""
     value = ds.get("PixelPaddingValue")
@@ -308,6 +343,7 @@ def decode(source: Dataset | str | PathLike[str], *, max_pixels: int = DEFAULT_M
     ds = source if isinstance(source, Dataset) else _read(Path(source))
     tsyntax, rows, cols, allocated, stored_bits, signed, frames, samples = _check(ds, name, max_pixels)
     photometric = str(ds.PhotometricInterpretation).strip().upper()
+    _check_codestream(ds, tsyntax, frames, name)
     try:
         stored = pixel_array(ds, index=0) if frames > 1 else pixel_array(ds)
     except Exception as exc:

@@ -19,8 +19,13 @@ from pacs_bridge.imaging.dicom import DecodedImage, DicomDecodeError, decode, lo
 from pacs_bridge.imaging.loader import ImageReadError
 from pacs_bridge.imaging.loader import load_display_image as load_any
 from pacs_bridge.imaging.preprocess import PreprocessSpec, preprocess
-from tests.support.fixtures import dx_dir, dx_reference, dx_reference_8bit, dx_variant  # noqa: F401
+from tests.support import fixtures
 from tests.support.imaging_samples import TRANSCODINGS, radiograph, write_dx
+
+dx_dir = fixtures.dx_dir
+dx_reference = fixtures.dx_reference
+dx_reference_8bit = fixtures.dx_reference_8bit
+dx_variant = fixtures.dx_variant
 
 SPEC = PreprocessSpec(size=256)
 LOSSLESS = [name for name, (_, _, lossless) in TRANSCODINGS.items() if lossless]

@@ -29,7 +29,12 @@ ARCHITECTURES: tuple[str, ...] = ("compact", "mobilenetv2", "efficientnetb0", "d
 
 @dataclass(frozen=True)
 class NetConfig:
-    """Architecture choice. ``width`` is the first stage's filter count (compact net)."""
+    """Architecture choice.
+
+    ``width`` is the first stage's filter count (compact net); without
+    ``final_pool`` the compact net's last stage keeps 1/16 of the input
+    resolution, so the heatmap is ``size / 16`` on a side.
+    """
 
     arch: str = "compact"
     size: int = 256
@@ -37,6 +42,7 @@ class NetConfig:
     width: int = 24
     dropout: float = 0.3
     weights: str | None = None
+    final_pool: bool = False
 
 
 def _compact_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
@@ -52,7 +58,7 @@ def _compact_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
     x = conv(inputs, w, stride=2, name="stem")
     stages = (w, 2 * w, 4 * w, 8 * w, 12 * w)
     for index, filters in enumerate(stages):
-        if index > 0:
+        if index > 0 and (index < len(stages) - 1 or cfg.final_pool):
             x = layers.MaxPooling2D(2, name=f"pool{index}")(x)
         x = conv(x, filters, name=f"s{index}a")
         if index > 0:

@@ -1,0 +1,193 @@
+"""Command-line entry points: ``train``, ``evaluate`` and ``export``.
+
+Each ``*_main(argv)`` parses its own arguments and returns an exit status,
+so ``pacs-bridge train|evaluate|export`` can delegate to them directly.
+Dataset problems are reported as one clear message with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["default_data_dir", "evaluate_main", "export_main", "main", "train_main"]
+
+DATA_ENV = "PACS_BRIDGE_FRACATLAS"
+
+
+def default_data_dir() -> Path:
+    """FracAtlas pool: ``$PACS_BRIDGE_FRACATLAS`` or ``../shared/data/fracatlas`` beside the repository."""
+    override = os.environ.get(DATA_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+
+
+def _command(prog: str, argv: list[str]) -> str:
+    return " ".join(["pacs-bridge", prog, *(shlex.quote(a) for a in argv)])
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pacs-bridge train", description="Train the fracture-detection CNN.")
+    p.add_argument("--data", type=Path, default=None, help="dataset: FracAtlas folder, train/val/test folders or a path,label CSV")
+    p.add_argument("--layout", choices=("auto", "fracatlas", "folders", "mura"), default="auto")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, model.keras, splits.csv)")
+    p.add_argument("--split-file", type=Path, default=None, help="reuse a splits.csv instead of drawing a split")
+    p.add_argument("--seed", type=int, default=20231)
+    p.add_argument("--size", type=int, default=256, help="input square side in pixels")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    p.add_argument("--clahe-clip", type=float, default=0.0)
+    p.add_argument("--arch", choices=("compact", "mobilenetv2", "efficientnetb0", "densenet121"), default="compact")
+    p.add_argument("--width", type=int, default=16, help="first-stage filters of the compact net")
+    p.add_argument("--weights", choices=("none", "imagenet"), default="none", help="backbone initial weights")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=("plateau", "cosine"), default="plateau")
+    p.add_argument("--patience", type=int, default=8, help="early-stopping patience (epochs)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall-clock time")
+    p.add_argument("--limit", type=int, default=None, help="use a class-balanced subset of this many images")
+    p.add_argument("--include-truncated", action="store_true", help="keep images flagged source_truncated")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="TensorFlow intra-op threads")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None, help="Keras progress (1 = bar)")
+    return p
+
+
+def train_main(argv: list[str]) -> int:
+    """``pacs-bridge train``: returns 0 on success, 2 on a dataset error."""
+    args = _train_parser().parse_args(argv)
+    _setup_logging()
+    from trainer.data import DatasetError  # noqa: PLC0415
+    from trainer.train import TrainConfig, train  # noqa: PLC0415
+
+    config = TrainConfig(
+        data=args.data or default_data_dir(),
+        out=args.out,
+        layout=args.layout,
+        split_file=args.split_file,
+        seed=args.seed,
+        size=args.size,
+        channels=args.channels,
+        clahe_clip=args.clahe_clip,
+        arch=args.arch,
+        width=args.width,
+        weights=None if args.weights == "none" else args.weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_schedule=args.lr_schedule,
+        patience=args.patience,
+        max_minutes=args.max_minutes,
+        limit=args.limit,
+        include_truncated=args.include_truncated,
+        augment=not args.no_augment,
+        threads=args.threads,
+        resume=args.resume,
+        verbose=args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2),
+        command=_command("train", argv),
+    )
+    try:
+        result = train(config)
+    except DatasetError as exc:
+        LOGGER.error("dataset error: %s", exc)
+        return 2
+    LOGGER.info(
+        "done: %s (best epoch %d, validation AUC %.4f, %.0f s)",
+        result.model_path,
+        result.best_epoch,
+        result.best_val_auc,
+        result.duration_seconds,
+    )
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    """``pacs-bridge export``: Keras run folder -> model folder with ``model.onnx`` + ``model.json``."""
+    p = argparse.ArgumentParser(prog="pacs-bridge export", description="Export a trained model to ONNX.")
+    p.add_argument("--run", type=Path, required=True, help="training run folder (model.keras, training.json)")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--name", default="fracatlas-cnn")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--data", type=Path, default=None, help="dataset for the parity check (default: the training data)")
+    p.add_argument("--parity-images", type=int, default=16)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--no-keras", action="store_true", help="do not copy model.keras into the model folder")
+    args = p.parse_args(argv)
+    _setup_logging()
+    from trainer.data import DatasetError  # noqa: PLC0415
+    from trainer.export import ExportError, export  # noqa: PLC0415
+
+    try:
+        export(
+            run_dir=args.run,
+            out_dir=args.out,
+            name=args.name,
+            version=args.version,
+            data=args.data,
+            parity_images=args.parity_images,
+            tolerance=args.tolerance,
+            keep_keras=not args.no_keras,
+        )
+    except (ExportError, DatasetError) as exc:
+        LOGGER.error("export failed: %s", exc)
+        return 1
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """``pacs-bridge evaluate``: metrics, plots and report of an exported model folder."""
+    p = argparse.ArgumentParser(prog="pacs-bridge evaluate", description="Evaluate an exported model.")
+    p.add_argument("--model", type=Path, required=True, help="model folder (model.onnx, model.json, splits.csv)")
+    p.add_argument("--data", type=Path, default=None, help="dataset (default: FracAtlas pool)")
+    p.add_argument("--split-file", type=Path, default=None, help="default: <model>/splits.csv")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: the model folder)")
+    p.add_argument("--history", type=Path, default=None, help="history.csv for training curves")
+    p.add_argument("--min-sensitivity", type=float, default=0.90, help="threshold rule on the validation split")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--no-update-manifest", action="store_true", help="do not write threshold/metrics to model.json")
+    args = p.parse_args(argv)
+    _setup_logging()
+    from trainer.data import DatasetError  # noqa: PLC0415
+    from trainer.evaluate import evaluate  # noqa: PLC0415
+
+    try:
+        evaluate(
+            model_dir=args.model,
+            data=args.data or default_data_dir(),
+            split_file=args.split_file,
+            out_dir=args.out,
+            history=args.history,
+            min_sensitivity=args.min_sensitivity,
+            n_bootstrap=args.bootstrap,
+            update_manifest=not args.no_update_manifest,
+            command=_command("evaluate", argv),
+        )
+    except DatasetError as exc:
+        LOGGER.error("dataset error: %s", exc)
+        return 2
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch ``train|evaluate|export`` (used by ``python -m trainer``)."""
+    commands = {"train": train_main, "evaluate": evaluate_main, "export": export_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m trainer {train,evaluate,export} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])

@@ -20,9 +20,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -43,13 +45,14 @@ __all__ = [
     "FIXTURE_JPEG",
     "TRANSCODINGS",
     "dcmtk_missing",
+    "pydicom_file",
     "radiograph",
     "transcode",
     "write_dx",
 ]
 
 FIXTURE_JPEG = Path(__file__).resolve().parents[1] / "fixtures" / "imaging" / "IMG0000019.jpg"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 DCMTK_TOOLS = ("dcmconv", "dcmcrle", "dcmcjpeg", "dcmcjpls")
 
 # name -> (transfer syntax UID, command prefix or None for pydicom, lossless?)
@@ -69,6 +72,14 @@ TRANSCODINGS: dict[str, tuple[str, list[str] | None, bool]] = {
 }
 
 
+def pydicom_file(name: str) -> Path:
+    """A file from pydicom's test data (pydicom-data), by name."""
+    found = get_testdata_file(name)
+    if not isinstance(found, str):
+        raise FileNotFoundError(f"pydicom test file {name} not found")
+    return Path(found)
+
+
 def dcmtk_missing(tools: Sequence[str] = DCMTK_TOOLS) -> list[str]:
     """The DCMTK tools that are not on ``PATH``."""
     return [tool for tool in tools if shutil.which(tool) is None]
@@ -84,7 +95,7 @@ def radiograph(bits: int = 12, source: Path = FIXTURE_JPEG) -> npt.NDArray[np.ui
     if gray is None:
         raise FileNotFoundError(source)
     unit = cv2.GaussianBlur(gray.astype(np.float32) / 255.0, (0, 0), 0.8)
-    return np.round(unit * (2**bits - 1)).astype(np.uint16)
+    return np.asarray(np.round(unit * (2**bits - 1)), dtype=np.uint16)
 
 
 def write_dx(
@@ -105,7 +116,7 @@ def write_dx(
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = DX_FOR_PRESENTATION

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID
 
 from pacs_bridge.imaging import dicom
 from pacs_bridge.imaging.dicom import DecodedImage, DicomDecodeError, decode, load_display_image
@@ -20,7 +20,7 @@ from pacs_bridge.imaging.loader import ImageReadError
 from pacs_bridge.imaging.loader import load_display_image as load_any
 from pacs_bridge.imaging.preprocess import PreprocessSpec, preprocess
 from tests.support import fixtures
-from tests.support.imaging_samples import TRANSCODINGS, radiograph, write_dx
+from tests.support.imaging_samples import TRANSCODINGS, pydicom_file, radiograph, write_dx
 
 dx_dir = fixtures.dx_dir
 dx_reference = fixtures.dx_reference
@@ -160,14 +160,14 @@ def test_rgb_secondary_capture_becomes_grayscale(dx_dir: Path) -> None:
 
 
 def test_ybr_jpeg_secondary_capture() -> None:
-    decoded = decode(get_testdata_file("SC_rgb_dcmtk_+eb+cy+s4.dcm"))
+    decoded = decode(pydicom_file("SC_rgb_dcmtk_+eb+cy+s4.dcm"))
     assert decoded.pixels.shape == (100, 100)
     assert decoded.photometric.startswith("YBR")
     assert 0.0 <= float(decoded.pixels.min()) <= float(decoded.pixels.max()) <= 1.0
 
 
 def test_multiframe_uses_first_frame() -> None:
-    path = get_testdata_file("emri_small.dcm")
+    path = pydicom_file("emri_small.dcm")
     decoded = decode(path)
     assert decoded.number_of_frames == 10 and decoded.frame == 0
     first = pixel_array(path, index=0).astype(np.float64)
@@ -180,13 +180,13 @@ def test_multiframe_uses_first_frame() -> None:
 )
 def test_real_computed_radiographs(uncompressed: str, jpeg2000: str) -> None:
     """Real CRs from pydicom-data (a chest and an extremity, MONOCHROME1, 15 and 10 bits)."""
-    plain = decode(get_testdata_file(uncompressed))
-    lossless = decode(get_testdata_file(jpeg2000))
+    plain = decode(pydicom_file(uncompressed))
+    lossless = decode(pydicom_file(jpeg2000))
     assert plain.photometric == "MONOCHROME1"
     assert plain.window.source == "window"
     np.testing.assert_array_equal(plain.pixels, lossless.pixels)
     # MONOCHROME1 is inverted: the collimated border (high stored values = white in M1) is dark here.
-    ds = pydicom.dcmread(get_testdata_file(uncompressed))
+    ds = pydicom.dcmread(pydicom_file(uncompressed))
     stored = ds.pixel_array.astype(np.float64)
     assert np.corrcoef(stored.ravel(), plain.pixels.ravel())[0, 1] < -0.9
 
@@ -253,7 +253,7 @@ def test_missing_pixel_data(dx_reference: Path, tmp_path: Path) -> None:
 
 
 def test_structured_report_is_not_an_image(tmp_path: Path) -> None:
-    path = Path(get_testdata_file("test-SR.dcm"))
+    path = Path(pydicom_file("test-SR.dcm"))
     with pytest.raises(DicomDecodeError, match="not an image object"):
         decode(path)
 
@@ -281,7 +281,7 @@ def test_unsupported_photometric(dx_reference: Path, tmp_path: Path) -> None:
 
 def test_unsupported_transfer_syntax(dx_reference: Path, tmp_path: Path) -> None:
     ds = pydicom.dcmread(dx_reference)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2 Main Profile
     ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
     path = tmp_path / "mpeg.dcm"
     ds.save_as(path)

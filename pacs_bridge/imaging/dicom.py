@@ -303,7 +303,9 @@ def _apply_voi(
 ) -> tuple[FloatImage, WindowInfo]:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         try:
-            out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float32)
+            # The LUT is indexed by integer modality values (C.11.2.1.1).
+            indices = np.rint(values).astype(np.int64)
+            out = np.asarray(apply_voi(indices, ds, index=0), dtype=np.float32)
             lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float32)
         except Exception as exc:
             raise DicomDecodeError(f"{name}: invalid VOI LUT Sequence ({exc})") from exc

@@ -227,6 +227,7 @@ def test_truncated_native_pixel_data(dx_reference: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.dcmtk
+@pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")
 def test_truncated_compressed_pixel_data(dx_variant: Callable[[str], Path], tmp_path: Path) -> None:
     raw = dx_variant("jpegls_lossless").read_bytes()
     path = tmp_path / "trunc-jls.dcm"

@@ -1,0 +1,124 @@
+"""Classification and localisation metrics (numpy + scikit-learn), with bootstrap intervals."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = [
+    "binary_metrics",
+    "bootstrap_ci",
+    "box_area_fraction",
+    "choose_threshold",
+    "peak_in_boxes",
+    "roc_auc",
+]
+
+Array = npt.NDArray[Any]
+
+
+def roc_auc(labels: Array, scores: Array) -> float:
+    """ROC AUC, ``nan`` when only one class is present."""
+    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+
+    labels = np.asarray(labels).astype(int)
+    if labels.size == 0 or labels.min() == labels.max():
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def choose_threshold(labels: Array, scores: Array, min_sensitivity: float = 0.90) -> float:
+    """Highest threshold ``t`` (predict positive when ``score >= t``) with sensitivity >= ``min_sensitivity``."""
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.sort(scores[labels == 1])[::-1]
+    if positives.size == 0:
+        raise ValueError("cannot choose a threshold without positive examples")
+    needed = int(np.ceil(min_sensitivity * positives.size - 1e-9))
+    needed = min(max(needed, 1), positives.size)
+    return float(positives[needed - 1])
+
+
+def binary_metrics(labels: Array, scores: Array, threshold: float) -> dict[str, Any]:
+    """Confusion matrix and the usual rates at ``threshold`` (``score >= threshold`` is positive)."""
+    labels = np.asarray(labels).astype(int)
+    predicted = (np.asarray(scores) >= threshold).astype(int)
+    tp = int(np.sum((predicted == 1) & (labels == 1)))
+    tn = int(np.sum((predicted == 0) & (labels == 0)))
+    fp = int(np.sum((predicted == 1) & (labels == 0)))
+    fn = int(np.sum((predicted == 0) & (labels == 1)))
+
+    def ratio(a: int, b: int) -> float:
+        return float(a / b) if b else float("nan")
+
+    precision = ratio(tp, tp + fp)
+    sensitivity = ratio(tp, tp + fn)
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)
+    return {
+        "n": len(labels),
+        "positives": int(labels.sum()),
+        "threshold": float(threshold),
+        "accuracy": ratio(tp + tn, len(labels)),
+        "precision": precision,
+        "sensitivity": sensitivity,
+        "specificity": ratio(tn, tn + fp),
+        "f1": f1,
+        "roc_auc": roc_auc(labels, scores),
+        "confusion_matrix": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    }
+
+
+def bootstrap_ci(
+    labels: Array,
+    scores: Array,
+    threshold: float,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    keys: Sequence[str] = ("roc_auc", "sensitivity", "specificity", "accuracy", "f1"),
+) -> dict[str, list[float]]:
+    """Percentile 95% intervals from resampling images with replacement."""
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {k: [] for k in keys}
+    n = len(labels)
+    for _ in range(n_resamples):
+        idx = rng.integers(0, n, size=n)
+        if labels[idx].min() == labels[idx].max():
+            continue
+        m = binary_metrics(labels[idx], scores[idx], threshold)
+        for key in keys:
+            values[key].append(m[key])
+    out: dict[str, list[float]] = {}
+    for key, vals in values.items():
+        arr = np.asarray(vals, dtype=np.float64)
+        arr = arr[~np.isnan(arr)]
+        out[key] = [float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))] if arr.size else [
+            float("nan"),
+            float("nan"),
+        ]
+    return out
+
+
+def peak_in_boxes(heatmap: Array, boxes: Sequence[Sequence[float]]) -> bool:
+    """Whether the maximum of ``heatmap`` (in the image's pixel grid) lies inside any ``[x0, y0, x1, y1]``."""
+    row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return any(b[0] <= col <= b[2] and b[1] <= row <= b[3] for b in boxes)
+
+
+def box_area_fraction(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> float:
+    """Share of the image covered by the union of the boxes (chance of a uniformly random point)."""
+    rows, cols = shape
+    mask = np.zeros((rows, cols), dtype=bool)
+    for b in boxes:
+        x0, y0 = max(0, int(np.floor(b[0]))), max(0, int(np.floor(b[1])))
+        x1, y1 = min(cols - 1, int(np.ceil(b[2]))), min(rows - 1, int(np.ceil(b[3])))
+        if x1 >= x0 and y1 >= y0:
+            mask[y0 : y1 + 1, x0 : x1 + 1] = True
+    return float(mask.mean())

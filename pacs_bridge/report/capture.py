@@ -120,9 +120,10 @@ def _draw_banner(width: int, lines: list[str], positive: bool) -> RGBImage:
 
 def _blend_heatmap(rgb: RGBImage, heatmap: npt.NDArray[Any], settings: ReportSettings) -> RGBImage:
     """Blend the heatmap over the image where it reaches ``heatmap_min``, with a soft edge."""
-    heat = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
+    heat: npt.NDArray[np.float32] = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
     if heat.shape != rgb.shape[:2]:
-        heat = cv2.resize(heat, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+        resized = cv2.resize(heat, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+        heat = np.asarray(resized, dtype=np.float32)
     low = float(settings.heatmap_min)
     span = max(1.0 - low, 1e-6)
     # Colours span [heatmap_min, 1] so the strongest evidence is red and the faintest drawn is blue.
@@ -133,7 +134,8 @@ def _blend_heatmap(rgb: RGBImage, heatmap: npt.NDArray[Any], settings: ReportSet
     alpha = float(settings.heatmap_opacity) * np.clip((heat - low) / edge, 0.0, 1.0)
     alpha = alpha[..., None]
     out = rgb.astype(np.float32) * (1.0 - alpha) + colour * alpha
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    blended: RGBImage = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return blended
 
 
 def _draw_box(rgb: RGBImage, box: tuple[float, float, float, float], scale: float) -> None:
@@ -225,7 +227,8 @@ def build_capture(source: Dataset, finding: FindingInput, model: ModelInfo, sett
         institution_name=settings.institution_name,
     )
     orientation = source.get("PatientOrientation")
-    capture.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else ""
+    # Type 2C (PS3.3 C.7.6.1.1.1): the source's orientation, or empty when unknown.
+    capture.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else []
     if "SpecificCharacterSet" in source:
         capture.SpecificCharacterSet = source.SpecificCharacterSet
     for keyword in _COPIED:

@@ -113,9 +113,9 @@ def send_files(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     proposed: dict[str, list[str]] = {}
-    for dataset in datasets.values():
-        syntaxes = proposed.setdefault(str(dataset.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        own = str(dataset.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
+    for item in datasets.values():
+        syntaxes = proposed.setdefault(str(item.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        own = str(item.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
         if own not in syntaxes:
             syntaxes.append(own)
     if len(proposed) > 128:  # PS3.8: at most 128 presentation contexts

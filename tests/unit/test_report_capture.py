@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,6 +34,8 @@ MODEL = ModelInfo("fracatlas-cnn", "1.2.0", 0.5)
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 DOCS_IMG = ROOT / "docs" / "img"
+# Set to refresh docs/img/result-*.png from the artefacts (kept off so a test run leaves the tree clean).
+UPDATE_DOCS = os.environ.get("PACS_BRIDGE_UPDATE_DOCS") == "1"
 
 needs_fracatlas = pytest.mark.skipif(not POSITIVE.is_file(), reason="FracAtlas images not available")
 
@@ -157,7 +160,7 @@ def test_capture_artefacts(source: Dataset) -> None:
     assert BOX[0] * scale <= x <= BOX[2] * scale and BOX[1] * scale <= y <= BOX[3] * scale
     # Bone is bright (MONOCHROME1 was inverted): the image is mostly dark background.
     assert np.median(picture[banner:]) < 100
-    if DOCS_IMG.is_dir():
+    if UPDATE_DOCS and DOCS_IMG.is_dir():
         shutil.copyfile(path, DOCS_IMG / "result-capture.png")
 
 
@@ -191,5 +194,5 @@ def test_sr_rendering_artefact(tmp_path: Path, source: Dataset) -> None:
         cwd=tmp_path,
     )
     assert png.is_file() and png.stat().st_size > 10_000
-    if DOCS_IMG.is_dir():
+    if UPDATE_DOCS and DOCS_IMG.is_dir():
         shutil.copyfile(png, DOCS_IMG / "result-sr.png")

@@ -55,18 +55,18 @@ def locate(heatmap: npt.NDArray[np.floating], letterbox: Letterbox, threshold: f
     """Map a CAM (``(h, w)``, over the square input) to the original grid and find its hottest region."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError("threshold must be in (0, 1]")
-    cam = np.asarray(heatmap, dtype=np.float32)
+    cam = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     if cam.ndim != 2:
         raise ValueError(f"heatmap must be 2-D, got shape {cam.shape}")
-    original = normalise(to_original(cam, letterbox))
-    if not original.any():
-        return HeatmapResult(heatmap=original, box=None, peak=None)
-    flat_index = int(np.argmax(original))
-    peak_y, peak_x = divmod(flat_index, original.shape[1])
-    hot = (original >= threshold * float(original[peak_y, peak_x])).astype(np.uint8)
-    _, labels = cv2.connectedComponents(hot, connectivity=8)
-    region = labels == labels[peak_y, peak_x]
-    ys = np.flatnonzero(region.any(axis=1))
-    xs = np.flatnonzero(region.any(axis=0))
-    box = [int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1]
-    return HeatmapResult(heatmap=original, box=box, peak=(int(peak_x), int(peak_y)))
+    original = np.ascontiguousarray(to_original(cam, letterbox), dtype=np.float32)
+    low, high, _, (peak_x, peak_y) = cv2.minMaxLoc(original)
+    if high - low <= 1e-12:
+        return HeatmapResult(heatmap=np.zeros_like(original), box=None, peak=None)
+    # in place: (x - low) / (high - low), so the peak is exactly 1
+    cv2.subtract(original, low, dst=original)
+    cv2.multiply(original, 1.0 / (high - low), dst=original)
+    original[peak_y, peak_x] = 1.0
+    hot = cv2.compare(original, threshold, cv2.CMP_GE)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(hot, connectivity=8)
+    x, y, w, h = (int(v) for v in stats[labels[peak_y, peak_x], :4])
+    return HeatmapResult(heatmap=original, box=[x, y, x + w, y + h], peak=(int(peak_x), int(peak_y)))

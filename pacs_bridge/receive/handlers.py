@@ -112,6 +112,11 @@ class Handlers:
             )
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.is_rejected = True
+            # The A-ASSOCIATE-RJ is sent by the DUL thread; give it the moment it needs
+            # before the acceptor closes the socket, or the peer sees an abort instead.
+            deadline = time.monotonic() + 2.0
+            while assoc.dul.state_machine.current_state not in ("Sta13", "Sta1") and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     def on_established(self, event: Any) -> None:
         """Start counting for the association."""
@@ -209,7 +214,7 @@ class Handlers:
         stats = self._stats.pop(id(event.assoc), None)
         if stats is not None:
             LOGGER.info(
-                "connection from %s at %s closed: %d stored, %d refused, %.2f s",
+                "connection from %s at %s closed without release: %d stored, %d refused, %.2f s",
                 stats.calling_aet,
                 stats.peer,
                 stats.stored,

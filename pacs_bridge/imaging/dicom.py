@@ -406,6 +406,8 @@ def decode(source: Dataset | str | PathLike[str], *, max_pixels: int = DEFAULT_M
         stored = pixel_array(ds, index=0) if frames > 1 else pixel_array(ds)
     except Exception as exc:
         raise DicomDecodeError(f"{name}: corrupt or truncated pixel data ({type(exc).__name__}: {exc})") from exc
+    if not stored.dtype.isnative:  # Explicit VR Big Endian arrives as big-endian integers
+        stored = stored.astype(stored.dtype.newbyteorder("="))
     expected_shape = (rows, cols) if samples == 1 else (rows, cols, samples)
     if stored.shape != expected_shape:
         if stored.ndim == len(expected_shape) + 1 and stored.shape[1:] == expected_shape:

@@ -209,8 +209,13 @@ def _cmd_resend(args: argparse.Namespace) -> int:
     from pacs_bridge.store.db import open_database  # noqa: PLC0415
 
     db = open_database(settings.storage.resolved_database_url())
-    count = resend_study(db, args.study_uid)
-    db.dispose()
+    try:
+        count = resend_study(db, args.study_uid, destinations=[d.name for d in settings.destinations])
+    except LookupError:
+        print(f"no study {args.study_uid}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
     if not count:
         print(f"no result objects for study {args.study_uid}", file=sys.stderr)
         return 1

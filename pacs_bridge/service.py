@@ -94,8 +94,6 @@ class Service:
 
         from pacs_bridge.pipeline.worker import Worker  # noqa: PLC0415
 
-        self.worker = Worker(settings, self.db, load_analyser(settings), _publisher(settings))
-        self.worker.start()
         if settings.destinations:
             try:
                 from pacs_bridge.send.outbox import Outbox  # noqa: PLC0415
@@ -104,6 +102,14 @@ class Service:
             else:
                 self.outbox = Outbox(self.db, settings)
                 self.outbox.start()
+        self.worker = Worker(
+            settings,
+            self.db,
+            load_analyser(settings),
+            _publisher(settings),
+            on_published=self.outbox.wake if self.outbox is not None else None,
+        )
+        self.worker.start()
 
         if not settings.dicom.allowed_calling_aets:
             LOGGER.warning("[dicom] allowed_calling_aets is empty: any calling AE title may store here")

@@ -53,6 +53,7 @@ class Worker:
         db: Database,
         analyser: Any | None,
         publisher: Publisher | None = None,
+        on_published: Callable[[], None] | None = None,
         *,
         poll_seconds: float = 0.5,
     ) -> None:
@@ -60,6 +61,7 @@ class Worker:
         self.db = db
         self.analyser = analyser
         self.publisher = publisher
+        self.on_published = on_published
         self.poll_seconds = poll_seconds
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
@@ -214,6 +216,8 @@ class Worker:
         if self.publisher is not None and summary["max_probability"] is not None:
             try:
                 self.publisher(self.db, study_id, self.settings)
+                if self.on_published is not None:
+                    self.on_published()
             except Exception as exc:
                 LOGGER.exception("results of study %s could not be built", study_uid)
                 with self.db.session() as session:

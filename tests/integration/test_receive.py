@@ -247,3 +247,50 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
     assert "dicom.port" in proc.stderr
     assert "dicom.ae_title" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_kill_9_during_200_instances_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    import threading
+
+    server = ServeProcess(tmp_path / "srv", {"study": {"settle_seconds": 0.5}})
+    server.start()
+    study_uid = generate_uid()
+    series_uid = generate_uid()
+    datasets = [dx(study_uid, n + 1, series_uid=series_uid) for n in range(200)]
+    acknowledged: list[str] = []
+
+    def send() -> None:
+        ae = AE(ae_title="TEST_SCU")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="PACS_BRIDGE")
+        for ds in datasets:
+            if not assoc.is_established:
+                return
+            try:
+                status = assoc.send_c_store(ds)
+            except RuntimeError:
+                return
+            if status and status.Status == 0:
+                acknowledged.append(ds.SOPInstanceUID)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 60 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.kill9()
+    sender.join(timeout=60)
+    assert 60 <= len(acknowledged) < 200, len(acknowledged)
+    server.start()
+    try:
+        stored = {uid for (uid,) in rows(server, "select sop_instance_uid from instances")}
+        on_disk = {f.stem for f in spool_files(server)}
+        lost = [uid for uid in acknowledged if uid not in stored or uid not in on_disk]
+        assert lost == [], f"{len(lost)} acknowledged instances lost"
+        for uid in acknowledged[:: max(1, len(acknowledged) // 10)]:
+            assert dcmread(server.data_dir / "spool" / study_uid / f"{uid}.dcm").SOPInstanceUID == uid
+        assert not list((server.data_dir / "tmp").iterdir())
+        row = server.wait_for_state(study_uid, {"queued"})
+        assert row["instances"] >= len(acknowledged)
+    finally:
+        server.stop()

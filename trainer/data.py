@@ -357,10 +357,13 @@ def stratified_split(
     records: Sequence[Record],
     seed: int,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    by_region: bool = True,
 ) -> dict[str, list[Record]]:
-    """Split by image, stratified by label and body region, deterministically from ``seed``.
+    """Split by image, stratified by label (and body region), deterministically from ``seed``.
 
-    Records that already carry a split (folder layout) keep it.
+    Records that already carry a split (folder layout) keep it. Stratifying
+    by region as well needs enough images per region; small subsets should
+    pass ``by_region=False``.
     """
     if all(r.split for r in records):
         out: dict[str, list[Record]] = {s: [] for s in SPLITS}
@@ -372,7 +375,7 @@ def stratified_split(
     rng = np.random.default_rng(seed)
     strata: dict[tuple[int, str], list[Record]] = {}
     for r in sorted(records, key=lambda rec: rec.image_id):
-        strata.setdefault((r.label, r.region), []).append(r)
+        strata.setdefault((r.label, r.region if by_region else ""), []).append(r)
     out = {s: [] for s in SPLITS}
     for key in sorted(strata):
         group = strata[key]

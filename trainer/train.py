@@ -134,7 +134,7 @@ def prepare_splits(config: TrainConfig) -> dict[str, list[Record]]:
     elif config.resume and split_path.is_file():
         splits = read_split_csv(split_path, records)
     else:
-        splits = stratified_split(records, seed=config.seed)
+        splits = stratified_split(records, seed=config.seed, by_region=not config.limit)
     check_splits(splits)
     write_split_csv(split_path, splits, config.seed)
     for name, recs in splits.items():
@@ -260,6 +260,7 @@ def train(config: TrainConfig) -> TrainResult:
     best_epoch = 0
     if config.resume and state_path.is_file() and last_path.is_file():
         state = json.loads(state_path.read_text())
+        model.optimizer.build(model.trainable_variables)  # so the saved Adam moments are restored too
         model.load_weights(last_path)
         initial_epoch = int(state["epoch"])
         previous_seconds = float(state.get("seconds", 0.0))

@@ -1,0 +1,77 @@
+"""End-to-end smoke test of the trainer on a few real FracAtlas radiographs.
+
+One epoch on 32 images at 64 px, ONNX export with the parity check, and the
+evaluation through the service's model loader. Skipped without TensorFlow
+(the ``train`` extra) or without the FracAtlas pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.train, pytest.mark.slow]
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
+
+DATA = Path(
+    os.environ.get("PACS_BRIDGE_FRACATLAS")
+    or Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fracatlas"
+)
+
+
+@pytest.mark.skipif(not (DATA / "labels.csv").is_file(), reason=f"FracAtlas pool not found at {DATA}")
+def test_train_export_evaluate(tmp_path: Path) -> None:
+    from trainer.cli import evaluate_main, export_main, train_main
+
+    run = tmp_path / "run"
+    model_dir = tmp_path / "model"
+    argv = ["--data", str(DATA), "--out", str(run), "--limit", "32", "--size", "64", "--width", "8",
+            "--epochs", "1", "--batch-size", "8", "--threads", "2", "--verbose", "0"]
+    assert train_main(argv) == 0
+    for name in ("model.keras", "splits.csv", "history.csv", "training.json", "checkpoints/last.weights.h5"):
+        assert (run / name).is_file(), name
+    record = json.loads((run / "training.json").read_text())
+    assert record["split_sizes"]["train"] + record["split_sizes"]["val"] + record["split_sizes"]["test"] == 32
+    assert record["licence"] == "CC BY 4.0"
+
+    # --resume continues after the last finished epoch.
+    assert train_main([*argv[:-4], "--epochs", "2", "--threads", "2", "--verbose", "0", "--resume"]) == 0
+    assert json.loads((run / "checkpoints" / "state.json").read_text())["epoch"] == 2
+
+    assert export_main(["--run", str(run), "--out", str(model_dir), "--parity-images", "4"]) == 0
+    manifest = json.loads((model_dir / "model.json").read_text())
+    assert manifest["input"] == {"name": "image", "layout": "NHWC", "size": 64, "channels": 1, "dtype": "float32"}
+    assert manifest["outputs"] == {"probability": "probability", "heatmap": "heatmap", "body_part": "body_part"}
+    assert manifest["training"]["parity_max_abs_diff"] <= 1e-4
+    assert (model_dir / "LICENSE-AND-CITATION.txt").is_file()
+
+    assert evaluate_main(["--model", str(model_dir), "--data", str(DATA), "--bootstrap", "50"]) == 0
+    manifest = json.loads((model_dir / "model.json").read_text())
+    assert 0.0 <= manifest["threshold"] <= 1.0
+    assert "roc_auc" in manifest["metrics"]["test"]
+    for name in ("report.md", "roc.png", "pr.png", "confusion.png", "calibration.png", "metrics.json"):
+        assert (model_dir / name).is_file(), name
+
+    model_mod = pytest.importorskip("pacs_bridge.inference.model")
+    model = model_mod.load_model(model_dir, providers="cpu")
+    import numpy as np
+
+    out = model.predict(np.zeros((2, 64, 64, 1), dtype=np.float32))
+    assert out["probability"].shape == (2,)
+    assert out["heatmap"].shape == (2, 4, 4)
+    assert out["body_part"].shape == (2, 4)
+
+
+def test_bad_dataset_fails_before_training(tmp_path: Path) -> None:
+    from trainer.cli import train_main
+
+    root = tmp_path / "ds"
+    (root / "train" / "fractured").mkdir(parents=True)
+    (root / "val" / "normal").mkdir(parents=True)
+    assert train_main(["--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
+    assert not (tmp_path / "run" / "model.keras").exists()

@@ -67,6 +67,7 @@ def locate(heatmap: npt.NDArray[np.floating], letterbox: Letterbox, threshold: f
     cv2.multiply(original, 1.0 / (high - low), dst=original)
     original[peak_y, peak_x] = 1.0
     hot = cv2.compare(original, threshold, cv2.CMP_GE)
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(hot, connectivity=8)
-    x, y, w, h = (int(v) for v in stats[labels[peak_y, peak_x], :4])
+    # The 8-connected hot component that holds the peak: a flood fill from the peak gives its bounding rectangle.
+    _, _, _, rect = cv2.floodFill(hot, None, (int(peak_x), int(peak_y)), 128, 0, 0, 8 | cv2.FLOODFILL_FIXED_RANGE)
+    x, y, w, h = (int(v) for v in rect)
     return HeatmapResult(heatmap=original, box=[x, y, x + w, y + h], peak=(int(peak_x), int(peak_y)))

@@ -43,7 +43,9 @@ def _command(prog: str, argv: list[str]) -> str:
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pacs-bridge train", description="Train the fracture-detection CNN.")
-    p.add_argument("--data", type=Path, default=None, help="dataset: FracAtlas folder, train/val/test folders or a path,label CSV")
+    p.add_argument(
+        "--data", type=Path, default=None, help="dataset: FracAtlas folder, train/val/test folders or a path,label CSV"
+    )
     p.add_argument("--layout", choices=("auto", "fracatlas", "folders", "mura"), default="auto")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, model.keras, splits.csv)")
     p.add_argument("--split-file", type=Path, default=None, help="reuse a splits.csv instead of drawing a split")

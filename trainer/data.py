@@ -326,9 +326,7 @@ def detect_layout(source: Path) -> str:
         return "mura"
     if (source / "labels.csv").is_file():
         return "fracatlas"
-    if source.is_dir() and any(
-        (source / s).is_dir() for spellings in _SPLIT_DIRS.values() for s in spellings
-    ):
+    if source.is_dir() and any((source / s).is_dir() for spellings in _SPLIT_DIRS.values() for s in spellings):
         return "folders"
     raise DatasetError(
         f"{source}: not a known dataset layout (labels.csv, train/val/test folders, or a path,label CSV)"
@@ -380,8 +378,8 @@ def stratified_split(
     for key in sorted(strata):
         group = strata[key]
         order = rng.permutation(len(group))
-        n_val = int(round(len(group) * fractions[1]))
-        n_test = int(round(len(group) * fractions[2]))
+        n_val = round(len(group) * fractions[1])
+        n_test = round(len(group) * fractions[2])
         for rank, index in enumerate(order):
             rec = group[int(index)]
             split = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"

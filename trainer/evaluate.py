@@ -89,7 +89,9 @@ class _Runner:
         self.backend = "onnxruntime (direct)"
         self.manifest = json.loads((model_dir / "model.json").read_text())
         self.spec = PreprocessSpec.from_manifest(self.manifest["preprocessing"])
-        self.session = ort.InferenceSession(str(model_dir / self.manifest["onnx_file"]), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(model_dir / self.manifest["onnx_file"]), providers=["CPUExecutionProvider"]
+        )
         self.model = None
 
     def predict(self, batch: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.float32]]:
@@ -247,8 +249,10 @@ def _report(summary: dict[str, Any], plots: dict[str, str]) -> str:
         )
     bp = summary.get("body_part")
     if bp:
-        lines += ["", f"Body-region head accuracy on {bp['n_single_region']} single-region test images: "
-                  f"{_fmt(bp['accuracy'])}."]
+        lines += [
+            "",
+            f"Body-region head accuracy on {bp['n_single_region']} single-region test images: {_fmt(bp['accuracy'])}.",
+        ]
     loc = summary["localisation"]
     lines += ["", "## Localisation (test split)", ""]
     if loc.get("n"):
@@ -268,6 +272,7 @@ def _report(summary: dict[str, Any], plots: dict[str, str]) -> str:
 def evaluate(
     model_dir: Path,
     data: Path,
+    *,
     split_file: Path | None = None,
     out_dir: Path | None = None,
     history: Path | None = None,
@@ -315,7 +320,7 @@ def evaluate(
 
     plots: dict[str, str] = {}
     op = (1.0 - test_metrics["specificity"], test_metrics["sensitivity"])
-    plot_roc(test.labels, test.probability, test_metrics["roc_auc"], ci["roc_auc"], op, out / "roc.png")
+    plot_roc(test.labels, test.probability, test_metrics["roc_auc"], ci["roc_auc"], op, path=out / "roc.png")
     plots["ROC curve"] = "roc.png"
     plot_pr(test.labels, test.probability, out / "pr.png")
     plots["Precision-recall curve"] = "pr.png"

@@ -140,7 +140,13 @@ def build_manifest(
         "description": "Fracture classifier for musculoskeletal radiographs (research use, not for clinical use)",
         "onnx_file": onnx_file,
         "sha256": sha256,
-        "input": {"name": INPUT_NAME, "layout": "NHWC", "size": spec.size, "channels": spec.channels, "dtype": "float32"},
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NHWC",
+            "size": spec.size,
+            "channels": spec.channels,
+            "dtype": "float32",
+        },
         "preprocessing": spec.to_manifest(),
         "outputs": {
             "probability": "probability",
@@ -177,6 +183,7 @@ def _training_block(record: dict[str, Any]) -> dict[str, Any]:
 def export(
     run_dir: Path,
     out_dir: Path,
+    *,
     name: str = "fracatlas-cnn",
     version: str = "1.0.0",
     data: Path | None = None,

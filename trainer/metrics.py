@@ -78,6 +78,7 @@ def bootstrap_ci(
     labels: Array,
     scores: Array,
     threshold: float,
+    *,
     n_resamples: int = 2000,
     seed: int = 0,
     keys: Sequence[str] = ("roc_auc", "sensitivity", "specificity", "accuracy", "f1"),
@@ -99,10 +100,14 @@ def bootstrap_ci(
     for key, vals in values.items():
         arr = np.asarray(vals, dtype=np.float64)
         arr = arr[~np.isnan(arr)]
-        out[key] = [float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))] if arr.size else [
-            float("nan"),
-            float("nan"),
-        ]
+        out[key] = (
+            [float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))]
+            if arr.size
+            else [
+                float("nan"),
+                float("nan"),
+            ]
+        )
     return out
 
 

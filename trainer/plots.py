@@ -41,8 +41,15 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_roc(labels: Array, scores: Array, auc: float, ci: Sequence[float], threshold_point: tuple[float, float],
-             path: Path) -> Path:
+def plot_roc(
+    labels: Array,
+    scores: Array,
+    auc: float,
+    ci: Sequence[float],
+    threshold_point: tuple[float, float],
+    *,
+    path: Path,
+) -> Path:
     """ROC curve with the operating point (1 - specificity, sensitivity)."""
     from sklearn.metrics import roc_curve  # noqa: PLC0415
 
@@ -67,8 +74,13 @@ def plot_pr(labels: Array, scores: Array, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(recall, precision, label=f"AP {ap:.3f}")
     ax.axhline(float(np.mean(labels)), linestyle="--", color="grey", linewidth=0.8, label="prevalence")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall, test split", xlim=(0, 1),
-           ylim=(0, 1.01))
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        title="Precision-recall, test split",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="upper right", fontsize=8)
     return _save(fig, path)
 
@@ -104,8 +116,13 @@ def plot_calibration(labels: Array, scores: Array, path: Path, bins: int = 10) -
     ax.plot(centres, observed, "o-")
     for x, y, n in zip(centres, observed, counts, strict=True):
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set(xlabel="predicted probability", ylabel="observed fracture rate", title="Calibration, test split",
-           xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="predicted probability",
+        ylabel="observed fracture rate",
+        title="Calibration, test split",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     return _save(fig, path)
 
 

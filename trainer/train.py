@@ -233,7 +233,9 @@ def train(config: TrainConfig) -> TrainResult:
     LOGGER.info("tensors ready in %.0f s", time.monotonic() - started)
 
     full, model = build_models(
-        NetConfig(arch=config.arch, size=config.size, channels=config.channels, width=config.width, weights=config.weights)
+        NetConfig(
+            arch=config.arch, size=config.size, channels=config.channels, width=config.width, weights=config.weights
+        )
     )
     batches = _make_batches(train_set, config, spec)
     steps = len(batches)
@@ -322,7 +324,9 @@ def train(config: TrainConfig) -> TrainResult:
     ]
     if config.lr_schedule == "plateau":
         callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=0.5, patience=3, min_lr=1e-5, verbose=1)
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=MONITOR, mode="max", factor=0.5, patience=3, min_lr=1e-5, verbose=1
+            )
         )
     history = model.fit(
         batches,

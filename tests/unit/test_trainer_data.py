@@ -38,7 +38,16 @@ def _image(path: Path, seed: int = 0, size: tuple[int, int] = (40, 32)) -> Path:
 
 
 FRACATLAS_COLUMNS = [
-    "image_id", "path", "fractured", "hand", "leg", "hip", "shoulder", "mixed", "boxes", "source_truncated",
+    "image_id",
+    "path",
+    "fractured",
+    "hand",
+    "leg",
+    "hip",
+    "shoulder",
+    "mixed",
+    "boxes",
+    "source_truncated",
 ]
 
 
@@ -103,8 +112,12 @@ def test_fracatlas_missing_image_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("positive", "negative"),
-    [("fractured", "not fractured"), ("Fractured", "Non_fractured"), ("fractured", "not_fractured"),
-     ("Fractured", "normal")],
+    [
+        ("fractured", "not fractured"),
+        ("Fractured", "Non_fractured"),
+        ("fractured", "not_fractured"),
+        ("Fractured", "normal"),
+    ],
 )
 def test_folder_layout_spellings(tmp_path: Path, positive: str, negative: str) -> None:
     root = tmp_path / "ds"

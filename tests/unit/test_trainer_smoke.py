@@ -11,7 +11,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from trainer.cli import evaluate_main, export_main, train_main
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -26,12 +29,28 @@ DATA = Path(
 
 @pytest.mark.skipif(not (DATA / "labels.csv").is_file(), reason=f"FracAtlas pool not found at {DATA}")
 def test_train_export_evaluate(tmp_path: Path) -> None:
-    from trainer.cli import evaluate_main, export_main, train_main
-
     run = tmp_path / "run"
     model_dir = tmp_path / "model"
-    argv = ["--data", str(DATA), "--out", str(run), "--limit", "32", "--size", "64", "--width", "8",
-            "--epochs", "1", "--batch-size", "8", "--threads", "2", "--verbose", "0"]
+    argv = [
+        "--data",
+        str(DATA),
+        "--out",
+        str(run),
+        "--limit",
+        "32",
+        "--size",
+        "64",
+        "--width",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--threads",
+        "2",
+        "--verbose",
+        "0",
+    ]
     assert train_main(argv) == 0
     for name in ("model.keras", "splits.csv", "history.csv", "training.json", "checkpoints/last.weights.h5"):
         assert (run / name).is_file(), name
@@ -59,8 +78,6 @@ def test_train_export_evaluate(tmp_path: Path) -> None:
 
     model_mod = pytest.importorskip("pacs_bridge.inference.model")
     model = model_mod.load_model(model_dir, providers="cpu")
-    import numpy as np
-
     out = model.predict(np.zeros((2, 64, 64, 1), dtype=np.float32))
     assert out["probability"].shape == (2,)
     assert out["heatmap"].shape == (2, 4, 4)
@@ -68,8 +85,6 @@ def test_train_export_evaluate(tmp_path: Path) -> None:
 
 
 def test_bad_dataset_fails_before_training(tmp_path: Path) -> None:
-    from trainer.cli import train_main
-
     root = tmp_path / "ds"
     (root / "train" / "fractured").mkdir(parents=True)
     (root / "val" / "normal").mkdir(parents=True)

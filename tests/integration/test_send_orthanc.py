@@ -29,6 +29,7 @@ from pacs_bridge.store.models import (
     Study,
     utcnow,
 )
+from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 from tests.support.dicom_files import make_radiograph
 from tests.support.orthanc import OrthancServer, free_port, orthanc_available
 
@@ -37,7 +38,7 @@ pytestmark = [
     pytest.mark.skipif(not orthanc_available(), reason="Orthanc binary not installed"),
 ]
 
-FRACATLAS = Path("/work/shared/data/fracatlas/images/Fractured")
+FRACATLAS = FRACATLAS_ROOT / "images" / "Fractured"
 STUDY = "1.2.826.0.1.3680043.8.498.555.1"
 BOX = [221, 165, 270, 192]
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -24,9 +24,10 @@ from pacs_bridge.report.capture import (
 from pacs_bridge.report.findings import FindingInput, ModelInfo
 from pacs_bridge.report.sr import build_sr
 from pacs_bridge.report.uids import instance_uid
+from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 from tests.support.dicom_files import make_radiograph
 
-FRACATLAS = Path("/work/shared/data/fracatlas/images")
+FRACATLAS = FRACATLAS_ROOT / "images"
 POSITIVE = FRACATLAS / "Fractured" / "IMG0000019.jpg"
 BOX = (221.1, 165.2, 269.7, 191.4)
 STUDY = "1.2.826.0.1.3680043.8.498.777.2"

@@ -14,9 +14,10 @@ from pacs_bridge.config import ReportSettings
 from pacs_bridge.report.findings import FindingInput, ModelInfo
 from pacs_bridge.report.sr import SR_SERIES_DESCRIPTION, SR_SERIES_NUMBER, build_sr
 from pacs_bridge.report.uids import device_uid, instance_uid, is_valid_uid, series_uid
+from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 from tests.support.dicom_files import make_radiograph
 
-FRACATLAS = Path("/work/shared/data/fracatlas/images")
+FRACATLAS = FRACATLAS_ROOT / "images"
 POSITIVE = FRACATLAS / "Fractured" / "IMG0000019.jpg"
 NEGATIVE = FRACATLAS / "Fractured" / "IMG0000025.jpg"
 STUDY = "1.2.826.0.1.3680043.8.498.777.1"

@@ -166,6 +166,11 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        from pacs_bridge.config import settings_reference  # noqa: PLC0415
+
+        print(settings_reference())
+        return 0
     settings = _settings(args)
     if args.show:
         import tomli_w  # noqa: PLC0415
@@ -268,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="check the configuration; --show prints the effective settings")
     _add_common(config)
     config.add_argument("--show", action="store_true", help="print the effective settings as TOML")
+    config.add_argument("--reference", action="store_true", help="print the Markdown reference of every key")
     config.set_defaults(func=_cmd_config)
 
     reanalyse = sub.add_parser("reanalyse", help="analyse a study again")

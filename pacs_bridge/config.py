@@ -323,3 +323,42 @@ def load_settings(
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, origin)) from exc
+
+
+def settings_reference() -> str:
+    """Markdown reference of every key, generated from the settings models (docs/configuration.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "pacs-bridge reads one TOML file (`--config FILE` or `$PACS_BRIDGE_CONFIG`), then environment",
+        "variables `PACS_BRIDGE_<SECTION>_<KEY>` (lists as JSON or comma separated;",
+        "`PACS_BRIDGE_DESTINATIONS` as a JSON list of tables), then command-line flags.",
+        "Every key has a default: `pacs-bridge serve` runs with no file at all.",
+        "`pacs-bridge config --show` prints the effective settings; invalid values stop the start",
+        "with one line per problem.",
+        "",
+        "This page is generated from `pacs_bridge/config.py` (`pacs-bridge config --reference`).",
+        "",
+    ]
+    sections: list[tuple[str, type[BaseModel]]] = []
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if name == "destinations":
+            sections.append(("[[destinations]]", DestinationSettings))
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            sections.append((f"[{name}]", annotation))
+    for title, model in sections:
+        doc = (model.__doc__ or "").split(":", 1)[-1].strip()
+        doc = doc[:1].upper() + doc[1:]
+        lines += [f"## `{title}`", "", doc, "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, field in model.model_fields.items():
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = "none" if value is None else f"`{json.dumps(value, default=str)}`"
+            kind = str(field.annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "")
+            kind = kind.replace("'>", "").replace("|", "or")
+            lines.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)

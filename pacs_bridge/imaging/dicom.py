@@ -261,14 +261,16 @@ def _check_codestream(ds: Dataset, tsyntax: str, frames: int, name: str) -> None
         frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
     except Exception as exc:
         raise DicomDecodeError(f"{name}: corrupt or truncated encapsulated pixel data ({exc})") from exc
-    body = frame.rstrip(b"\x00")  # fragments are padded to an even length
+    body = frame.rstrip(b"\x00")
     if tsyntax in _JPEG_FAMILY:
         start_ok = body[:2] == b"\xff\xd8"  # SOI
     else:
         start_ok = body[:2] == b"\xff\x4f" or body[4:8] == b"jP  "  # SOC, or a JP2 file header
     if not start_ok:
         raise DicomDecodeError(f"{name}: corrupt pixel data (the first frame does not start with a codestream)")
-    if body[-2:] != b"\xff\xd9":  # EOI (JPEG, JPEG-LS) / EOC (JPEG 2000)
+    # EOI (JPEG, JPEG-LS) / EOC (JPEG 2000); fragments are padded to an even length, by some
+    # encoders with 0xFF, and marker bytes cannot occur inside entropy-coded data.
+    if b"\xff\xd9" not in body[-8:]:
         raise DicomDecodeError(f"{name}: truncated pixel data (the first frame's codestream has no end marker)")
 
 

@@ -257,3 +257,14 @@ def test_threshold_rule_and_localisation_helpers() -> None:
     assert peak_in_boxes(heat, [(14, 4, 16, 6)])
     assert not peak_in_boxes(heat, [(0, 0, 3, 3)])
     assert box_area_fraction((10, 20), [(0, 0, 9, 4)]) == pytest.approx(0.25)
+
+
+def test_fixture_in_fracatlas_format() -> None:
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "fracatlas"
+    records = read_fracatlas(root)
+    assert len(records) == 10
+    assert sum(r.label for r in records) == 5
+    assert all(r.boxes for r in records if r.label == 1)
+    tensors = load_tensors(records, PreprocessSpec(size=64))
+    assert tensors.images.shape == (10, 64, 64, 1)
+    assert 0.0 <= float(tensors.images.min()) and float(tensors.images.max()) <= 1.0

@@ -298,3 +298,20 @@ def test_not_a_dicom_file(tmp_path: Path) -> None:
 
 def test_supported_syntaxes_are_listed() -> None:
     assert set(TRANSCODINGS[name][0] for name in TRANSCODINGS) <= set(dicom.SUPPORTED_TRANSFER_SYNTAXES)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("JPGExtended.dcm", (1024, 256)),  # 12-bit JPEG Extended, fragment padded with 0xFF after EOI
+        ("JPEG-LL.dcm", (1024, 256)),  # JPEG Lossless SV1
+        ("MR2_J2KI.dcm", (1024, 1024)),  # lossy JPEG 2000
+        ("SC_ybr_full_422_uncompressed.dcm", (100, 100)),  # native YBR_FULL_422 (4 values per 2 pixels)
+        ("MR_small_bigendian.dcm", (64, 64)),
+        ("vlut_04.dcm", (512, 512)),  # VOI LUT Sequence
+    ],
+)
+def test_reference_files_from_pydicom(name: str, shape: tuple[int, int]) -> None:
+    decoded = decode(pydicom_file(name))
+    assert decoded.pixels.shape == shape
+    assert 0.0 <= float(decoded.pixels.min()) <= float(decoded.pixels.max()) <= 1.0

@@ -63,10 +63,10 @@ def locate(heatmap: npt.NDArray[np.floating], letterbox: Letterbox, threshold: f
     if high - low <= 1e-12:
         return HeatmapResult(heatmap=np.zeros_like(original), box=None, peak=None)
     # in place: (x - low) / (high - low), so the peak is exactly 1
-    cv2.subtract(original, low, dst=original)
-    cv2.multiply(original, 1.0 / (high - low), dst=original)
+    original -= np.float32(low)
+    original *= np.float32(1.0 / (high - low))
     original[peak_y, peak_x] = 1.0
-    hot = cv2.compare(original, threshold, cv2.CMP_GE)
+    hot = np.ascontiguousarray(original >= threshold).view(np.uint8)
     # The 8-connected hot component that holds the peak: a flood fill from the peak gives its bounding rectangle.
     _, _, _, rect = cv2.floodFill(hot, None, (int(peak_x), int(peak_y)), 128, 0, 0, 8 | cv2.FLOODFILL_FIXED_RANGE)
     x, y, w, h = (int(v) for v in rect)

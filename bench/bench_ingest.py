@@ -1,0 +1,196 @@
+"""Ingest throughput of ``pacs-bridge serve`` against DCMTK ``storescp``, same client, same machine.
+
+The client is DCMTK's own ``storescu`` (``/usr/bin/storescu``, not a Python
+tool of the same name), with ``TCP_NODELAY=1`` in the environment of both
+DCMTK programs so that Nagle's algorithm does not set the pace. Sets: small
+instances (about 40 KB) and large ones (about 7 MB, a radiograph); one
+association, and four in parallel; servers alternated within each
+repetition. pacs-bridge runs with fsync on (its default) and, for reference,
+off; storescp never fsyncs.
+
+    python bench/bench_ingest.py [--small 500] [--large 40] [--repeat 3] [--out docs/benchmarks-ingest.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tomli_w
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.dicom_files import make_radiograph  # noqa: E402
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def make_set(folder: Path, count: int, shape: tuple[int, int], parts: int) -> list[Path]:
+    """``count`` instances of one study split over ``parts`` sub-folders; returns the sub-folders."""
+    rng = np.random.default_rng(0)
+    study = None
+    subdirs = [folder / f"part{i}" for i in range(parts)]
+    base = rng.random(shape)
+    for n in range(count):
+        ds = make_radiograph(
+            base,
+            study,
+            path=subdirs[n % parts] / f"{n:05d}.dcm",
+            instance_number=n + 1,
+            bits_stored=16,
+        )
+        study = str(ds.StudyInstanceUID)
+    return subdirs
+
+
+def run_clients(port: int, subdirs: list[Path], called: str) -> float:
+    """Send every sub-folder on its own association, all at once; seconds until the last finishes."""
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [STORESCU, "-aec", called, "-aet", "BENCH", "-pdu", "131072", "+sd", "127.0.0.1", str(port), str(d)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for d in subdirs
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - start
+
+
+def bench_storescp(work: Path, subdirs: list[Path]) -> float:
+    port = free_port()
+    out = work / "storescp-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    proc = subprocess.Popen(
+        [STORESCP, "--fork", "-aet", "STORESCP", "-pdu", "131072", "+B", "-od", str(out), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        return run_clients(port, subdirs, "STORESCP")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def bench_bridge(work: Path, subdirs: list[Path], fsync: bool) -> float:
+    port = free_port()
+    data = work / "bridge-data"
+    shutil.rmtree(data, ignore_errors=True)
+    config = {
+        "dicom": {"host": "127.0.0.1", "port": port, "ae_title": "PACS_BRIDGE"},
+        "storage": {"data_dir": str(data), "fsync": fsync, "min_free_mb": 1},
+        "watch": {"enabled": False},
+        "study": {"settle_seconds": 3600},
+        "analysis": {"enabled": False},
+        "web": {"enabled": False},
+        "log": {"level": "WARNING"},
+    }
+    config_path = work / "bench.toml"
+    config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pacs_bridge.cli", "serve", "--config", str(config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=work,
+    )
+    try:
+        wait_port(port)
+        return run_clients(port, subdirs, "PACS_BRIDGE")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", type=int, default=500)
+    parser.add_argument("--large", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-ingest.md")
+    args = parser.parse_args()
+    if not Path(STORESCU).exists() or not Path(STORESCP).exists():
+        print("DCMTK is not installed (apt-get install dcmtk)", file=sys.stderr)
+        return 2
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        sets = {
+            "small": (args.small, (140, 140)),
+            "large": (args.large, (1900, 1850)),
+        }
+        for label, (count, shape) in sets.items():
+            for parallel in (1, 4):
+                folder = work / f"{label}-{parallel}"
+                subdirs = make_set(folder, count, shape, parallel)
+                size = sum(f.stat().st_size for d in subdirs for f in d.iterdir()) / count
+                times: dict[str, list[float]] = {"storescp": [], "bridge": [], "bridge-nofsync": []}
+                for _ in range(args.repeat):
+                    times["storescp"].append(bench_storescp(work, subdirs))
+                    times["bridge"].append(bench_bridge(work, subdirs, fsync=True))
+                    times["bridge-nofsync"].append(bench_bridge(work, subdirs, fsync=False))
+                rate = {k: count / statistics.median(v) for k, v in times.items()}
+                rows.append((label, size, count, parallel, rate))
+                print(
+                    f"{label:5} {size / 1024:8.0f} KiB x{count:4d}  {parallel} assoc  "
+                    f"storescp {rate['storescp']:7.1f}/s  pacs-bridge {rate['bridge']:7.1f}/s "
+                    f"({rate['bridge'] / rate['storescp']:.2f}x)  no fsync {rate['bridge-nofsync']:7.1f}/s "
+                    f"({rate['bridge-nofsync'] / rate['storescp']:.2f}x)",
+                    flush=True,
+                )
+                shutil.rmtree(folder)
+    lines = [
+        "| set | instance size | instances | associations | storescp (inst/s) | pacs-bridge, fsync (inst/s) "
+        "| ratio | pacs-bridge, no fsync (inst/s) | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, size, count, parallel, rate in rows:
+        lines.append(
+            f"| {label} | {size / 1024:.0f} KiB | {count} | {parallel} | {rate['storescp']:.1f} | "
+            f"{rate['bridge']:.1f} | {rate['bridge'] / rate['storescp']:.2f}x | {rate['bridge-nofsync']:.1f} | "
+            f"{rate['bridge-nofsync'] / rate['storescp']:.2f}x |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    args.out.write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

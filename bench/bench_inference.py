@@ -107,7 +107,7 @@ def _cpu_name() -> str:
 def _keras_rows(keras_path: Path, model: FractureModel, runs: int, onnx_b1: float, onnx_b8: float) -> list[str]:
     """Same network in Keras, side by side (TensorFlow imported only here)."""
     try:
-        import tensorflow as tf  # noqa: PLC0415 - optional, benchmark only
+        import tensorflow as tf
     except ImportError:
         return ["| Keras predict | TensorFlow not installed | | |"]
     net = tf.keras.models.load_model(keras_path, compile=False)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> str:
         if folder is None:
             folder = default_model_dir()
             if not (folder / "model.json").is_file():
-                from tests.support.tiny_model import build_tiny_model  # noqa: PLC0415
+                from tests.support.tiny_model import build_tiny_model
 
                 folder = build_tiny_model(tmp / "tiny", size=256, name="tiny-bench")
                 model_note = " (no shipped model found: a tiny synthetic 256 px model built on the fly)"

@@ -46,9 +46,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
-    import keras  # noqa: PLC0415
-    import onnxruntime as ort  # noqa: PLC0415
-    import tensorflow as tf  # noqa: PLC0415
+    import keras
+    import onnxruntime as ort
+    import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     manifest = json.loads((args.model / "model.json").read_text())

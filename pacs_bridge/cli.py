@@ -67,15 +67,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
-    from pacs_bridge.service import Service  # noqa: PLC0415
+    from pacs_bridge.service import Service
 
     return Service(settings).run()
 
 
 def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
-    from sqlalchemy import select  # noqa: PLC0415
+    from sqlalchemy import select
 
-    from pacs_bridge.store.db import open_database  # noqa: PLC0415
+    from pacs_bridge.store.db import open_database
     from pacs_bridge.store.models import Delivery, DeliveryState, Instance, InstanceResult, OutputObject, Study
 
     db = open_database(settings.storage.resolved_database_url())
@@ -167,13 +167,13 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
-        from pacs_bridge.config import settings_reference  # noqa: PLC0415
+        from pacs_bridge.config import settings_reference
 
         print(settings_reference())
         return 0
     settings = _settings(args)
     if args.show:
-        import tomli_w  # noqa: PLC0415
+        import tomli_w
 
         data = settings.to_toml_dict()
         print(tomli_w.dumps(_drop_none(data)))
@@ -193,8 +193,8 @@ def _drop_none(value: Any) -> Any:
 def _cmd_reanalyse(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
-    from pacs_bridge.pipeline.jobs import request_reanalysis  # noqa: PLC0415
-    from pacs_bridge.store.db import open_database  # noqa: PLC0415
+    from pacs_bridge.pipeline.jobs import request_reanalysis
+    from pacs_bridge.store.db import open_database
 
     db = open_database(settings.storage.resolved_database_url())
     with db.session() as session:
@@ -210,8 +210,8 @@ def _cmd_reanalyse(args: argparse.Namespace) -> int:
 def _cmd_resend(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
-    from pacs_bridge.send.outbox import resend_study  # noqa: PLC0415
-    from pacs_bridge.store.db import open_database  # noqa: PLC0415
+    from pacs_bridge.send.outbox import resend_study
+    from pacs_bridge.store.db import open_database
 
     db = open_database(settings.storage.resolved_database_url())
     try:
@@ -229,7 +229,7 @@ def _cmd_resend(args: argparse.Namespace) -> int:
 
 
 def _delegate(module: str, function: str, argv: list[str]) -> int:
-    import importlib  # noqa: PLC0415
+    import importlib
 
     try:
         target = getattr(importlib.import_module(module), function)

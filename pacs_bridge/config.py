@@ -120,7 +120,9 @@ class WatchSettings(_Section):
 class StudySettings(_Section):
     """``[study]``: when a study is complete, and which studies are analysed."""
 
-    settle_seconds: float = Field(10.0, ge=0, description="Quiet period after the last instance before a study settles.")
+    settle_seconds: float = Field(
+        10.0, ge=0, description="Quiet period after the last instance before a study settles."
+    )
     modalities: list[str] = Field(
         default_factory=lambda: ["CR", "DX", "DR"], description="Modalities routed to analysis; others are skipped."
     )
@@ -177,7 +179,9 @@ class DestinationSettings(_Section):
     ae_title: str = Field(..., description="The destination's AE title.")
     host: str = Field(..., min_length=1, description="Host name or address.")
     port: int = Field(..., ge=1, le=65535, description="TCP port.")
-    calling_ae_title: str | None = Field(None, description="Our AE title for this destination; default [dicom] ae_title.")
+    calling_ae_title: str | None = Field(
+        None, description="Our AE title for this destination; default [dicom] ae_title."
+    )
     tls: bool = Field(False, description="Use DICOM TLS.")
     tls_ca: Path | None = Field(None, description="CA bundle that verifies the destination.")
     tls_cert: Path | None = Field(None, description="Our client certificate, if the destination asks for one.")
@@ -234,7 +238,7 @@ class Settings(_Section):
 
     def to_toml_dict(self) -> dict[str, Any]:
         """Effective settings as plain data (paths as strings, secrets masked)."""
-        data = json.loads(self.model_dump_json())
+        data: dict[str, Any] = json.loads(self.model_dump_json())
         if data["web"].get("password"):
             data["web"]["password"] = "********"
         data["storage"]["database_url"] = self.storage.resolved_database_url()
@@ -264,7 +268,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             if name in environ:
                 out.setdefault(section, {})[key] = _env_value(environ[name], field.annotation)
     if "PACS_BRIDGE_DESTINATIONS" in environ:
-        out["destinations"] = json.loads(environ["PACS_BRIDGE_DESTINATIONS"])  # type: ignore[assignment]
+        out["destinations"] = json.loads(environ["PACS_BRIDGE_DESTINATIONS"])
     return out
 
 

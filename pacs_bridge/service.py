@@ -34,7 +34,7 @@ def load_analyser(settings: Settings) -> Any | None:
     if not settings.analysis.enabled:
         LOGGER.info("analysis disabled ([analysis] enabled = false): studies are stored and queued only")
         return None
-    from pacs_bridge.inference.analyse import Analyser  # noqa: PLC0415 - ONNX Runtime loads only here
+    from pacs_bridge.inference.analyse import Analyser
     from pacs_bridge.inference.model import default_model_dir, load_model
 
     folder = settings.analysis.model_dir or default_model_dir()
@@ -54,7 +54,7 @@ def _publisher(settings: Settings) -> Any | None:
     if not (settings.report.structured_report or settings.report.annotated_image):
         return None
     try:
-        from pacs_bridge.report.publish import publish_study  # noqa: PLC0415
+        from pacs_bridge.report.publish import publish_study
     except ImportError as exc:
         LOGGER.warning("result objects not available: %s", exc)
         return None
@@ -92,11 +92,11 @@ class Service:
         if recovered:
             LOGGER.warning("indexed %d spool files that had no database row", recovered)
 
-        from pacs_bridge.pipeline.worker import Worker  # noqa: PLC0415
+        from pacs_bridge.pipeline.worker import Worker
 
         if settings.destinations:
             try:
-                from pacs_bridge.send.outbox import Outbox  # noqa: PLC0415
+                from pacs_bridge.send.outbox import Outbox
             except ImportError as exc:
                 LOGGER.warning("result delivery not available: %s", exc)
             else:

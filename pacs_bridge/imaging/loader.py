@@ -40,6 +40,6 @@ def load_display_image(path: Path) -> npt.NDArray[np.float32]:
     path = Path(path)
     if path.suffix.lower() in _RASTER_SUFFIXES:
         return _load_raster(path)
-    from pacs_bridge.imaging import dicom  # noqa: PLC0415 - DICOM decoding is heavier
+    from pacs_bridge.imaging import dicom
 
     return dicom.load_display_image(path)

@@ -132,7 +132,8 @@ def _enhance(image: FloatImage, spec: PreprocessSpec) -> FloatImage:
     if spec.clahe_clip > 0:
         clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(spec.clahe_tiles, spec.clahe_tiles))
         u8 = clahe.apply(u8)
-    return u8.astype(np.float32) / 255.0
+    out: FloatImage = u8.astype(np.float32) / np.float32(255.0)
+    return out
 
 
 def preprocess(image: npt.NDArray[Any], spec: PreprocessSpec) -> tuple[FloatImage, Letterbox]:

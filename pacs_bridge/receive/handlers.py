@@ -87,7 +87,7 @@ class Handlers:
         self._lock = threading.Lock()
         self.in_flight = 0
 
-    def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def bindings(self) -> list[Any]:
         """``evt_handlers`` for ``AE.start_server``."""
         return [
             (evt.EVT_REQUESTED, self.on_requested),

@@ -176,7 +176,9 @@ class Ingestor:
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, str(exc), study_uid, sop_uid)
         except RejectedInstance as exc:
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND, str(exc), study_uid, sop_uid)
-        record = _record(ds, (study_uid, series_uid, sop_uid, sop_class), transfer_syntax, path, written, calling_aet, source)
+        record = _record(
+            ds, (study_uid, series_uid, sop_uid, sop_class), transfer_syntax, path, written, calling_aet, source
+        )
         try:
             duplicate = not self._commit(record)
         except (OperationalError, IntegrityError, OSError) as exc:
@@ -190,7 +192,9 @@ class Ingestor:
             transfer_syntax,
             (time.perf_counter() - started) * 1000,
         )
-        return IngestOutcome(STATUS_SUCCESS, "duplicate" if duplicate else "stored", study_uid, sop_uid, written, duplicate)
+        return IngestOutcome(
+            STATUS_SUCCESS, "duplicate" if duplicate else "stored", study_uid, sop_uid, written, duplicate
+        )
 
     def _commit(self, record: InstanceRecord) -> bool:
         attempts = 0
@@ -211,7 +215,7 @@ class Ingestor:
 
     def reconcile(self) -> int:
         """Index spool files that have no row (a crash between rename and commit); return how many."""
-        from pydicom import dcmread  # noqa: PLC0415
+        from pydicom import dcmread
 
         added = 0
         with self.db.session() as session:

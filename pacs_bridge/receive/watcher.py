@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,7 @@ class FolderWatcher:
             self.on_stored(outcome.study_instance_uid)
 
     def _fail(self, path: Path, reason: str) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
         safe = _SAFE_NAME.sub("_", path.name)[:100] or "file"
         target = self.failed_dir / f"{stamp}-{safe}"
         try:

@@ -54,7 +54,7 @@ class Database:
 
     def upgrade(self) -> None:
         """Bring the schema to the newest Alembic revision."""
-        from alembic import command  # noqa: PLC0415 - only needed at start-up
+        from alembic import command
         from alembic.config import Config
 
         config = Config()

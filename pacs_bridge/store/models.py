@@ -8,7 +8,7 @@ stopped. Keys are DICOM UIDs (PS3.5 §9), validated before they reach a path.
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
@@ -43,10 +43,10 @@ __all__ = [
 
 def utcnow() -> datetime:
     """Timezone-aware now; stored as UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
-class StudyState(str, enum.Enum):
+class StudyState(enum.StrEnum):
     """Where a study is in the pipeline."""
 
     RECEIVING = "receiving"
@@ -58,7 +58,7 @@ class StudyState(str, enum.Enum):
     SKIPPED = "skipped"
 
 
-class InstanceState(str, enum.Enum):
+class InstanceState(enum.StrEnum):
     """Outcome of the analysis of one instance."""
 
     PENDING = "pending"
@@ -67,7 +67,7 @@ class InstanceState(str, enum.Enum):
     SKIPPED = "skipped"
 
 
-class DeliveryState(str, enum.Enum):
+class DeliveryState(enum.StrEnum):
     """Where one output object stands with one destination."""
 
     PENDING = "pending"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 import socket
-import struct
 import sqlite3
+import struct
 import subprocess
 import time
 from pathlib import Path

@@ -29,9 +29,9 @@ from pacs_bridge.store.models import (
     Study,
     utcnow,
 )
-from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 from tests.support.dicom_files import make_radiograph
 from tests.support.orthanc import OrthancServer, free_port, orthanc_available
+from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 
 pytestmark = [
     pytest.mark.orthanc,

@@ -24,8 +24,8 @@ from pacs_bridge.report.capture import (
 from pacs_bridge.report.findings import FindingInput, ModelInfo
 from pacs_bridge.report.sr import build_sr
 from pacs_bridge.report.uids import instance_uid
-from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 from tests.support.dicom_files import make_radiograph
+from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 
 FRACATLAS = FRACATLAS_ROOT / "images"
 POSITIVE = FRACATLAS / "Fractured" / "IMG0000019.jpg"

@@ -14,8 +14,8 @@ from pacs_bridge.config import ReportSettings
 from pacs_bridge.report.findings import FindingInput, ModelInfo
 from pacs_bridge.report.sr import SR_SERIES_DESCRIPTION, SR_SERIES_NUMBER, build_sr
 from pacs_bridge.report.uids import device_uid, instance_uid, is_valid_uid, series_uid
-from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 from tests.support.dicom_files import make_radiograph
+from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 
 FRACATLAS = FRACATLAS_ROOT / "images"
 POSITIVE = FRACATLAS / "Fractured" / "IMG0000019.jpg"

@@ -1,7 +1,7 @@
 """initial schema
 
 Revision ID: eb292205a526
-Revises: 
+Revises:
 Create Date: 2026-11-21 22:24:12.623650
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
 
 revision = 'eb292205a526'
 down_revision = None

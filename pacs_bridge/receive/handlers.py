@@ -97,6 +97,7 @@ class Handlers:
             (evt.EVT_RELEASED, self.on_closed),
             (evt.EVT_ABORTED, self.on_closed),
             (evt.EVT_CONN_CLOSE, self.on_conn_close),
+            (evt.EVT_REJECTED, self.on_rejected),
         ]
 
     def on_requested(self, event: Any) -> None:
@@ -117,6 +118,19 @@ class Handlers:
             deadline = time.monotonic() + 2.0
             while assoc.dul.state_machine.current_state not in ("Sta13", "Sta1") and time.monotonic() < deadline:
                 time.sleep(0.005)
+
+    def on_rejected(self, event: Any) -> None:
+        """Log associations refused by negotiation (wrong called AE title, association limit)."""
+        primitive = event.assoc.requestor.primitive
+        if primitive is None:
+            return
+        LOGGER.warning(
+            "association from %s at %s to called AE title %s rejected (called AE title not ours, "
+            "or [dicom] max_associations reached)",
+            str(primitive.calling_ae_title).strip(),
+            event.assoc.requestor.address,
+            str(primitive.called_ae_title).strip(),
+        )
 
     def on_established(self, event: Any) -> None:
         """Start counting for the association."""

@@ -142,6 +142,8 @@ def test_bad_input_gets_clear_status_and_nothing_partial(server: ServeProcess) -
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", server.port, ae_title="SOMEONE_ELSE")
     assert assoc.is_rejected
+    time.sleep(0.2)
+    assert "to called AE title SOMEONE_ELSE rejected" in server.log()
     # Only the good instance is stored, untouched.
     files = spool_files(server)
     assert [f.stem for f in files] == [good.SOPInstanceUID]

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,19 @@ __all__ = ["Worker"]
 LOGGER = logging.getLogger(__name__)
 
 Publisher = Callable[[Database, int, Settings], Any]
+
+
+@dataclass
+class _Plan:
+    """One claimed study: what to analyse and what to skip."""
+
+    study_id: int
+    study_uid: str
+    model_name: str
+    model_version: str
+    todo: list[tuple[int, str, Path]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
 
 class Worker:
@@ -100,33 +114,59 @@ class Worker:
                 self._wake.clear()
 
     def run_once(self) -> bool:
-        """Settle due studies and analyse at most one; True if a study was analysed."""
+        """Settle due studies, then analyse one batch of queued studies; True if any was analysed."""
         with self.db.sessions() as session:
             settle_due(session, self.settings.study)
             session.commit()
         if self.analyser is None or self._stop.is_set():
             return False
-        with self.db.sessions() as session:
-            study = claim_next(session, self.name)
-            if study is None:
-                return False
-            study_id = study.id
-            study_uid = study.study_instance_uid
+        plans: list[_Plan] = []
+        images = 0
+        # Small studies (one or two radiographs) share a batch: claim until it is full.
+        while images < self.analyser.batch_size and len(plans) < self.analyser.batch_size:
+            with self.db.sessions() as session:
+                study = claim_next(session, self.name)
+                if study is None:
+                    break
+                study_id = study.id
+            try:
+                plan = self._plan(study_id)
+            except Exception as exc:
+                self._retry(study_id, exc)
+                continue
+            plans.append(plan)
+            images += len(plan.todo)
+        if not plans:
+            return False
         try:
-            self.analyse_study(study_id)
+            paths = [path for plan in plans for _, _, path in plan.todo]
+            findings = self.analyser.analyse_paths(paths) if paths else []
         except Exception as exc:
-            LOGGER.exception("analysis of study %s failed", study_uid)
-            with self.db.session() as session:
-                retry_later(
-                    session,
-                    study_id,
-                    f"{type(exc).__name__}: {exc}",
-                    max_attempts=self.settings.analysis.max_attempts,
-                    base_seconds=self.settings.analysis.retry_seconds,
-                )
+            for plan in plans:
+                self._retry(plan.study_id, exc)
             return True
-        self.analysed_studies += 1
+        offset = 0
+        for plan in plans:
+            chunk = findings[offset : offset + len(plan.todo)]
+            offset += len(plan.todo)
+            try:
+                self._record(plan, chunk)
+            except Exception as exc:
+                self._retry(plan.study_id, exc)
+                continue
+            self.analysed_studies += 1
         return True
+
+    def _retry(self, study_id: int, exc: Exception) -> None:
+        LOGGER.error("analysis of study id %d failed: %s: %s", study_id, type(exc).__name__, exc)
+        with self.db.session() as session:
+            retry_later(
+                session,
+                study_id,
+                f"{type(exc).__name__}: {exc}",
+                max_attempts=self.settings.analysis.max_attempts,
+                base_seconds=self.settings.analysis.retry_seconds,
+            )
 
     def _heatmap_path(self, study_uid: str, sop_uid: str) -> Path | None:
         if not (valid_uid(study_uid) and valid_uid(sop_uid)):
@@ -134,15 +174,19 @@ class Worker:
         return self.settings.storage.data_dir / "heatmaps" / study_uid / f"{sop_uid}.npy"
 
     def analyse_study(self, study_id: int) -> None:
-        """Analyse the study's pending instances and record the results."""
-        started = time.perf_counter()
+        """Analyse one claimed study's pending instances and record the results."""
+        plan = self._plan(study_id)
+        paths = [path for _, _, path in plan.todo]
+        self._record(plan, self.analyser.analyse_paths(paths) if paths else [])  # type: ignore[union-attr]
+
+    def _plan(self, study_id: int) -> _Plan:
+        """What to analyse in a study: routed instances without a result from the current model."""
         model = self.analyser.model  # type: ignore[union-attr]
         model_name, model_version = model.manifest.name, model.manifest.version
         wanted = {m.upper() for m in self.settings.study.modalities}
         with self.db.sessions() as session:
             study = session.get(Study, study_id)
             assert study is not None
-            study_uid = study.study_instance_uid
             rows = session.execute(
                 select(Instance, Series.modality)
                 .join(Series, Instance.series_id == Series.id)
@@ -157,22 +201,26 @@ class Worker:
                     )
                 )
             )
-            todo: list[tuple[int, str, Path]] = []
-            skipped: list[int] = []
+            plan = _Plan(study_id, study.study_instance_uid, model_name, model_version)
             for instance, modality in rows:
                 if instance.id in done_ids:
                     continue
                 if (modality or "").upper() in wanted and instance.sop_class_uid in self.settings.study.sop_classes:
-                    todo.append((instance.id, instance.sop_instance_uid, Path(instance.file_path)))
+                    plan.todo.append((instance.id, instance.sop_instance_uid, Path(instance.file_path)))
                 else:
-                    skipped.append(instance.id)
-        findings = self.analyser.analyse_paths([p for _, _, p in todo]) if todo else []  # type: ignore[union-attr]
+                    plan.skipped.append(instance.id)
+        return plan
+
+    def _record(self, plan: _Plan, findings: list[Any]) -> None:
+        """Store the findings of one study, settle its state, publish its result objects."""
+        study_id, study_uid = plan.study_id, plan.study_uid
+        model_name, model_version = plan.model_name, plan.model_version
         with self.db.session() as session:
-            for instance_id in skipped:
+            for instance_id in plan.skipped:
                 session.execute(
                     update(Instance).where(Instance.id == instance_id).values(state=InstanceState.SKIPPED)
                 )
-            for (instance_id, sop_uid, _), finding in zip(todo, findings, strict=True):
+            for (instance_id, sop_uid, _), finding in zip(plan.todo, findings, strict=True):
                 session.add(self._result_row(instance_id, study_uid, sop_uid, finding, model_name, model_version))
                 ok = getattr(finding, "reason", None) is None
                 session.execute(
@@ -208,10 +256,10 @@ class Worker:
             model_version,
             len(findings),
             failures,
-            len(skipped),
+            len(plan.skipped),
             "n/a" if summary["max_probability"] is None else f"{summary['max_probability']:.3f}",
             summary["positive_instances"] or 0,
-            time.perf_counter() - started,
+            time.perf_counter() - plan.started,
         )
         if self.publisher is not None and summary["max_probability"] is not None:
             try:

@@ -33,6 +33,7 @@ __all__ = [
     "StudySettings",
     "WatchSettings",
     "WebSettings",
+    "deep_merge",
     "load_settings",
 ]
 
@@ -272,11 +273,12 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, tables merged key by key."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -319,10 +321,10 @@ def load_settings(
         raise ConfigError(f"environment: a PACS_BRIDGE_ list value is not valid JSON: {exc}") from exc
     if env_data:
         origin += " + environment"
-    data = _merge(data, env_data)
+    data = deep_merge(data, env_data)
     if overrides:
         origin += " + flags"
-        data = _merge(data, overrides)
+        data = deep_merge(data, overrides)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

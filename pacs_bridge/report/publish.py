@@ -34,7 +34,7 @@ from pacs_bridge.report.findings import FindingInput, ModelInfo
 from pacs_bridge.report.sr import build_sr
 from pacs_bridge.report.uids import is_valid_uid
 from pacs_bridge.store.db import Database
-from pacs_bridge.store.models import Delivery, DeliveryState, Instance, InstanceResult, OutputObject, Study, utcnow
+from pacs_bridge.store.models import Delivery, Instance, InstanceResult, OutputObject, Study, utcnow
 
 __all__ = ["KIND_CAPTURE", "KIND_SR", "output_path", "publish_study", "write_dataset"]
 
@@ -175,12 +175,7 @@ def _record(
                 if delivery is None:
                     delivery = Delivery(output_id=output.id, destination=name)
                     session.add(delivery)
-                delivery.state = DeliveryState.PENDING
-                delivery.attempts = 0
-                delivery.next_attempt_at = now
-                delivery.first_attempt_at = None
-                delivery.last_error = None
-                delivery.sent_at = None
+                delivery.reset(now)
             ids.append(output.id)
     return ids
 

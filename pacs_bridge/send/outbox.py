@@ -215,12 +215,7 @@ def resend_study(db: Database, study_uid: str, destinations: Sequence[str] | Non
                     session.add(delivery)
                     existing[name] = delivery
             for delivery in existing.values():
-                delivery.state = DeliveryState.PENDING
-                delivery.attempts = 0
-                delivery.next_attempt_at = now
-                delivery.first_attempt_at = None
-                delivery.last_error = None
-                delivery.sent_at = None
+                delivery.reset(now)
                 count += 1
     LOGGER.info("study %s: %d deliver%s queued again", study_uid, count, "y" if count == 1 else "ies")
     return count

@@ -233,6 +233,15 @@ class Delivery(Base):
 
     output: Mapped[OutputObject] = relationship(back_populates="deliveries")
 
+    def reset(self, now: datetime) -> None:
+        """Queue this delivery again from scratch (new object, resend, dead letter revived)."""
+        self.state = DeliveryState.PENDING
+        self.attempts = 0
+        self.next_attempt_at = now
+        self.first_attempt_at = None
+        self.last_error = None
+        self.sent_at = None
+
     __table_args__ = (
         UniqueConstraint("output_id", "destination", name="uq_delivery"),
         Index("ix_deliveries_due", "state", "next_attempt_at"),

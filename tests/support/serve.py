@@ -19,6 +19,8 @@ from typing import Any
 
 import tomli_w
 
+from pacs_bridge.config import deep_merge
+
 __all__ = ["ServeProcess", "free_port", "run_cli"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,16 +31,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -69,7 +61,7 @@ class ServeProcess:
             "analysis": {"enabled": False},
             "web": {"enabled": False},
         }
-        self.config = _merge(base, config or {})
+        self.config = deep_merge(base, config or {})
         self.config_path = workdir / "pacs-bridge.toml"
         self.log_path = workdir / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None

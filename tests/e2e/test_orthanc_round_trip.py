@@ -40,7 +40,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def site(tmp_path: Path, model_dir: Path) -> Iterator[tuple[OrthancServer, ServeProcess]]:
+def site(
+    tmp_path: Path, model_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[OrthancServer, ServeProcess]]:
     """Orthanc and pacs-bridge registered with each other, both running."""
     bridge_port = free_port()
     pacs = OrthancServer(tmp_path, {"bridge": ("PACS_BRIDGE", "127.0.0.1", bridge_port)})
@@ -50,6 +52,7 @@ def site(tmp_path: Path, model_dir: Path) -> Iterator[tuple[OrthancServer, Serve
         "analysis": {"enabled": True, "model_dir": str(model_dir), "intra_op_threads": 1},
         "destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}],
         "send": {"retry_initial_seconds": 1, "retry_max_seconds": 2},
+        "study": {"settle_seconds": getattr(request, "param", 1.0)},
     }
     server = ServeProcess(tmp_path / "bridge", config, port=bridge_port)
     server.start()
@@ -139,11 +142,13 @@ def test_orthanc_push_is_analysed_and_results_return_to_the_same_study(
     assert "patient" not in server.log().lower() or "PB-TEST-0001" not in server.log()
 
 
+@pytest.mark.parametrize("site", [6.0], indirect=True)  # time to stop the PACS before results are due
 def test_results_survive_a_pacs_outage(site: tuple[OrthancServer, ServeProcess], tmp_path: Path) -> None:
     pacs, server = site
     study_uid, orthanc_study, _ = _upload_study(pacs, tmp_path)
     _push(pacs, orthanc_study)
     pacs.stop()  # the PACS goes down before the results are due
+    assert server.results()[0]["state"] == "receiving"
     server.wait_for_state(study_uid, {"done"}, timeout=90)
     time.sleep(3)  # a few failed delivery attempts
     pending = server.results()[0]["deliveries"]

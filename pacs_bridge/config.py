@@ -195,7 +195,7 @@ class DestinationSettings(_Section):
 
 
 class WebSettings(_Section):
-    """``[web]``: the web console and HTTP API."""
+    """``[web]``: the web console and HTTP API (keys reserved; this release serves no console yet)."""
 
     enabled: bool = Field(True, description="Serve the web console.")
     host: str = Field("127.0.0.1", description="Address of the console.")

@@ -109,6 +109,39 @@ def bench_storescp(work: Path, subdirs: list[Path]) -> float:
         proc.wait(timeout=30)
 
 
+PLAIN_SCP = """
+import os, sys
+from pynetdicom import AE, evt, AllStoragePresentationContexts
+out = sys.argv[2]
+def on_store(event):
+    path = os.path.join(out, event.request.AffectedSOPInstanceUID + ".dcm")
+    with open(path, "wb") as fh:
+        fh.write(event.encoded_dataset())
+        fh.flush()
+        os.fsync(fh.fileno())
+    return 0x0000
+ae = AE(ae_title="PLAIN")
+ae.maximum_pdu_size = 0
+ae.supported_contexts = AllStoragePresentationContexts
+ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, on_store)])
+"""
+
+
+def bench_plain(work: Path, subdirs: list[Path]) -> float:
+    """A plain pynetdicom receiver that writes each data set with fsync: the floor of any pynetdicom design."""
+    port = free_port()
+    out = work / "plain-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", PLAIN_SCP, str(port), str(out)])
+    try:
+        wait_port(port)
+        return run_clients(port, subdirs, "PLAIN")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def bench_bridge(work: Path, subdirs: list[Path], fsync: bool) -> float:
     port = free_port()
     data = work / "bridge-data"
@@ -160,29 +193,32 @@ def main() -> int:
                 folder = work / f"{label}-{parallel}"
                 subdirs = make_set(folder, count, shape, parallel)
                 size = sum(f.stat().st_size for d in subdirs for f in d.iterdir()) / count
-                times: dict[str, list[float]] = {"storescp": [], "bridge": [], "bridge-nofsync": []}
+                times: dict[str, list[float]] = {"storescp": [], "plain": [], "bridge": [], "bridge-nofsync": []}
                 for _ in range(args.repeat):
                     times["storescp"].append(bench_storescp(work, subdirs))
+                    times["plain"].append(bench_plain(work, subdirs))
                     times["bridge"].append(bench_bridge(work, subdirs, fsync=True))
                     times["bridge-nofsync"].append(bench_bridge(work, subdirs, fsync=False))
                 rate = {k: count / statistics.median(v) for k, v in times.items()}
                 rows.append((label, size, count, parallel, rate))
                 print(
                     f"{label:5} {size / 1024:8.0f} KiB x{count:4d}  {parallel} assoc  "
-                    f"storescp {rate['storescp']:7.1f}/s  pacs-bridge {rate['bridge']:7.1f}/s "
+                    f"storescp {rate['storescp']:7.1f}/s  plain pynetdicom {rate['plain']:7.1f}/s  "
+                    f"pacs-bridge {rate['bridge']:7.1f}/s "
                     f"({rate['bridge'] / rate['storescp']:.2f}x)  no fsync {rate['bridge-nofsync']:7.1f}/s "
                     f"({rate['bridge-nofsync'] / rate['storescp']:.2f}x)",
                     flush=True,
                 )
                 shutil.rmtree(folder)
     lines = [
-        "| set | instance size | instances | associations | storescp (inst/s) | pacs-bridge, fsync (inst/s) "
-        "| ratio | pacs-bridge, no fsync (inst/s) | ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| set | instance size | instances | associations | storescp (inst/s) | plain pynetdicom + fsync (inst/s) "
+        "| ratio | pacs-bridge, fsync (inst/s) | ratio | pacs-bridge, no fsync (inst/s) | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, size, count, parallel, rate in rows:
         lines.append(
             f"| {label} | {size / 1024:.0f} KiB | {count} | {parallel} | {rate['storescp']:.1f} | "
+            f"{rate['plain']:.1f} | {rate['plain'] / rate['storescp']:.2f}x | "
             f"{rate['bridge']:.1f} | {rate['bridge'] / rate['storescp']:.2f}x | {rate['bridge-nofsync']:.1f} | "
             f"{rate['bridge-nofsync'] / rate['storescp']:.2f}x |"
         )

@@ -166,10 +166,13 @@ class Ingestor:
                 study_uid,
                 sop_uid,
             )
-        with self.db.session() as session:
-            known = find_instance(session, sop_uid)
-            if known is not None:
-                return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, known.size_bytes, True)
+        # The spool path follows from the UIDs, and every spool file has a row once
+        # start-up has reconciled them: an existing file is a duplicate, kept as stored.
+        if self.spool.path_for(study_uid, sop_uid).exists():
+            with self.db.sessions() as session:
+                known = find_instance(session, sop_uid)
+                if known is not None:
+                    return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, known.size_bytes, True)
         try:
             path, written = self.spool.store(study_uid, sop_uid, chunks, size_hint=size)
         except OutOfResources as exc:
@@ -183,7 +186,12 @@ class Ingestor:
             duplicate = not self._commit(record)
         except (OperationalError, IntegrityError, OSError) as exc:
             LOGGER.error("instance %s not indexed, refused: %s", sop_uid, exc)
+            path.unlink(missing_ok=True)
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, f"database error: {exc}", study_uid, sop_uid)
+        if duplicate:
+            # Same SOP Instance UID already stored under another study: keep the first.
+            LOGGER.warning("instance %s received again under study %s; the first copy is kept", sop_uid, study_uid)
+            path.unlink(missing_ok=True)
         LOGGER.debug(
             "stored instance %s of study %s (%d bytes, %s) in %.1f ms",
             sop_uid,

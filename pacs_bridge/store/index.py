@@ -62,7 +62,11 @@ def add_instance(session: Session, record: InstanceRecord, now: datetime | None 
     existing = find_instance(session, record.sop_instance_uid)
     if existing is not None:
         return existing, False
-    now = now or utcnow()
+    with session.no_autoflush:
+        return _add_new(session, record, now or utcnow()), True
+
+
+def _add_new(session: Session, record: InstanceRecord, now: datetime) -> Instance:
     study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
     if study is None:
         study = Study(
@@ -110,4 +114,4 @@ def add_instance(session: Session, record: InstanceRecord, now: datetime | None 
         received_at=now,
     )
     session.add(instance)
-    return instance, True
+    return instance

@@ -114,6 +114,10 @@ def test_duplicate_is_idempotent_and_late_instance_resettles(server: ServeProces
     first = dx(study_uid, 1)
     assert store(server.port, [first, first]) == [0, 0]
     assert rows(server, f"select count(*) from instances where sop_instance_uid = '{first.SOPInstanceUID}'") == [(1,)]
+    elsewhere = dx(generate_uid(), 1, sop_instance_uid=first.SOPInstanceUID)  # a sender re-using a UID
+    assert store(server.port, [elsewhere]) == [0]
+    assert [f.stem for f in spool_files(server)] == [first.SOPInstanceUID]
+    assert dcmread(spool_files(server)[0]).StudyInstanceUID == study_uid
     server.wait_for_state(study_uid, {"queued"})
     assert store(server.port, [dx(study_uid, 2)]) == [0]
     row = server.wait_for_state(study_uid, {"queued"})

@@ -76,7 +76,7 @@ def augment_image(
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=(fill, fill, fill, fill),
         )
-        out = warped.reshape(rows, cols, channels)
+        out = np.asarray(warped, dtype=np.float32).reshape(rows, cols, channels)
     out = np.array(out, dtype=np.float32, copy=True)
     if cfg.contrast or cfg.brightness:
         gain = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)

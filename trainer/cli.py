@@ -75,8 +75,8 @@ def train_main(argv: list[str]) -> int:
     """``pacs-bridge train``: returns 0 on success, 2 on a dataset error."""
     args = _train_parser().parse_args(argv)
     _setup_logging()
-    from trainer.data import DatasetError  # noqa: PLC0415
-    from trainer.train import TrainConfig, train  # noqa: PLC0415
+    from trainer.data import DatasetError
+    from trainer.train import TrainConfig, train
 
     config = TrainConfig(
         data=args.data or default_data_dir(),
@@ -132,8 +132,8 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--no-keras", action="store_true", help="do not copy model.keras into the model folder")
     args = p.parse_args(argv)
     _setup_logging()
-    from trainer.data import DatasetError  # noqa: PLC0415
-    from trainer.export import ExportError, export  # noqa: PLC0415
+    from trainer.data import DatasetError
+    from trainer.export import ExportError, export
 
     try:
         export(
@@ -165,8 +165,8 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--no-update-manifest", action="store_true", help="do not write threshold/metrics to model.json")
     args = p.parse_args(argv)
     _setup_logging()
-    from trainer.data import DatasetError  # noqa: PLC0415
-    from trainer.evaluate import evaluate  # noqa: PLC0415
+    from trainer.data import DatasetError
+    from trainer.evaluate import evaluate
 
     try:
         evaluate(

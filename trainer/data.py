@@ -132,7 +132,8 @@ class TensorSet:
         """Body-region targets, multi-hot rows normalised to sum 1 (zeros when unknown)."""
         flags = np.array([r.body_parts for r in self.records], dtype=np.float32).reshape(-1, len(BODY_PARTS))
         sums = flags.sum(axis=1, keepdims=True)
-        return np.divide(flags, sums, out=np.zeros_like(flags), where=sums > 0)
+        targets: npt.NDArray[np.float32] = np.divide(flags, sums, out=np.zeros_like(flags), where=sums > 0)
+        return targets
 
 
 # --------------------------------------------------------------------------- readers

@@ -75,16 +75,18 @@ class _Runner:
 
     def __init__(self, model_dir: Path) -> None:
         self.backend = "pacs_bridge.inference.model.load_model"
+        self.session: Any = None
+        loader: Any
         try:
-            from pacs_bridge.inference.model import load_model  # noqa: PLC0415
+            from pacs_bridge.inference.model import load_model as loader
         except ImportError:
-            load_model = None
-        if load_model is not None:
-            self.model: Any = load_model(model_dir, providers="cpu")
+            loader = None
+        if loader is not None:
+            self.model: Any = loader(model_dir, providers="cpu")
             self.spec: PreprocessSpec = self.model.manifest.preprocessing
             self.manifest: dict[str, Any] = dict(self.model.manifest.raw)
             return
-        import onnxruntime as ort  # noqa: PLC0415
+        import onnxruntime as ort
 
         self.backend = "onnxruntime (direct)"
         self.manifest = json.loads((model_dir / "model.json").read_text())
@@ -300,7 +302,7 @@ def evaluate(
     val_metrics = binary_metrics(val.labels, val.probability, threshold)
     test_metrics = binary_metrics(test.labels, test.probability, threshold)
     ci = bootstrap_ci(test.labels, test.probability, threshold, n_resamples=n_bootstrap, seed=seed)
-    from sklearn.metrics import average_precision_score  # noqa: PLC0415
+    from sklearn.metrics import average_precision_score
 
     loc, examples = _localisation(test)
     summary: dict[str, Any] = {

@@ -67,17 +67,18 @@ def _rename(graph: Any, old: str, new: str) -> None:
 
 def convert(model: Any, onnx_path: Path, opset: int = OPSET) -> None:
     """Convert a Keras model with the three named outputs to ONNX at ``onnx_path``."""
-    import onnx  # noqa: PLC0415
-    import tensorflow as tf  # noqa: PLC0415
-    import tf2onnx  # noqa: PLC0415
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
 
     shape = (None, *[int(d) for d in model.inputs[0].shape[1:]])
     signature = (tf.TensorSpec(shape, tf.float32, name=INPUT_NAME),)
 
-    @tf.function(input_signature=signature)
-    def forward(image: Any) -> tuple[Any, ...]:
+    def call(image: Any) -> tuple[Any, ...]:
         outputs = model(image, training=False)
         return tuple(tf.identity(outputs[name], name=name) for name in OUTPUT_NAMES)
+
+    forward = tf.function(call, input_signature=signature)
 
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset)
     graph = proto.graph
@@ -100,7 +101,7 @@ def parity_check(
     model: Any, onnx_path: Path, images: npt.NDArray[np.float32], tolerance: float = 1e-4
 ) -> dict[str, float]:
     """Largest absolute Keras-vs-ONNX Runtime difference per output; raises above ``tolerance``."""
-    import onnxruntime as ort  # noqa: PLC0415
+    import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_out = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
@@ -192,7 +193,7 @@ def export(
     keep_keras: bool = True,
 ) -> Path:
     """Export a training run folder into a model folder; returns the manifest path."""
-    import keras  # noqa: PLC0415
+    import keras
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     keras_path = run_dir / "model.keras"

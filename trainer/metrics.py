@@ -25,7 +25,7 @@ Array = npt.NDArray[Any]
 
 def roc_auc(labels: Array, scores: Array) -> float:
     """ROC AUC, ``nan`` when only one class is present."""
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+    from sklearn.metrics import roc_auc_score
 
     labels = np.asarray(labels).astype(int)
     if labels.size == 0 or labels.min() == labels.max():

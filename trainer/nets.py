@@ -47,7 +47,7 @@ class NetConfig:
 
 def _compact_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
     """Plain VGG-like stack with batch norm: stem, then four stages halving resolution."""
-    from keras import layers  # noqa: PLC0415
+    from keras import layers
 
     def conv(x, filters: int, stride: int = 1, name: str = ""):  # type: ignore[no-untyped-def]
         x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
@@ -68,8 +68,8 @@ def _compact_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
 
 def _application_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
     """Feature maps of a ``keras.applications`` backbone (3 channels fed from the input)."""
-    import keras  # noqa: PLC0415
-    from keras import layers  # noqa: PLC0415
+    import keras
+    from keras import layers
 
     x = inputs
     if cfg.channels == 1:
@@ -91,8 +91,8 @@ def build_models(cfg: NetConfig):  # type: ignore[no-untyped-def]
     ``[N, h, w]`` and ``body_part`` ``[N, 4]`` (this is the model that is
     saved and exported); ``train_model`` has only the two supervised outputs.
     """
-    import keras  # noqa: PLC0415
-    from keras import layers  # noqa: PLC0415
+    import keras
+    from keras import layers
 
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.arch!r}; choose from {ARCHITECTURES}")

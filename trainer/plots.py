@@ -26,10 +26,10 @@ Array = npt.NDArray[Any]
 
 
 def _pyplot() -> Any:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     return plt
 
@@ -51,7 +51,7 @@ def plot_roc(
     path: Path,
 ) -> Path:
     """ROC curve with the operating point (1 - specificity, sensitivity)."""
-    from sklearn.metrics import roc_curve  # noqa: PLC0415
+    from sklearn.metrics import roc_curve
 
     plt = _pyplot()
     fpr, tpr, _ = roc_curve(labels, scores)
@@ -66,7 +66,7 @@ def plot_roc(
 
 def plot_pr(labels: Array, scores: Array, path: Path) -> Path:
     """Precision-recall curve with the prevalence as the chance line."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve  # noqa: PLC0415
+    from sklearn.metrics import average_precision_score, precision_recall_curve
 
     plt = _pyplot()
     precision, recall, _ = precision_recall_curve(labels, scores)
@@ -159,7 +159,7 @@ def plot_heatmaps(examples: Sequence[dict[str, Any]], path: Path) -> Path | None
     if not examples:
         return None
     plt = _pyplot()
-    from matplotlib.patches import Rectangle  # noqa: PLC0415
+    from matplotlib.patches import Rectangle
 
     fig, axes = plt.subplots(1, len(examples), figsize=(3.2 * len(examples), 3.6))
     for ax, ex in zip(np.atleast_1d(axes), examples, strict=True):

@@ -103,7 +103,7 @@ def configure_threads(threads: int | None) -> None:
     """Limit TensorFlow's thread pools (call before any TensorFlow op runs)."""
     if not threads:
         return
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -152,7 +152,7 @@ def _sample_weights(labels: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.flo
 
 
 def _make_batches(tensors: TensorSet, config: TrainConfig, spec: PreprocessSpec):  # type: ignore[no-untyped-def]
-    import keras  # noqa: PLC0415
+    import keras
 
     labels = tensors.labels
     body = tensors.body_targets
@@ -215,7 +215,7 @@ def _attribution(config: TrainConfig) -> dict[str, str]:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run a full training; returns where the model is and how it went."""
-    import keras  # noqa: PLC0415
+    import keras
 
     started = time.monotonic()
     out = Path(config.out)

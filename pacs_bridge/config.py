@@ -149,6 +149,9 @@ class AnalysisSettings(_Section):
     max_attempts: int = Field(5, ge=1, description="Attempts for transient failures before a study is failed.")
     retry_seconds: float = Field(30, gt=0, description="First retry delay; doubles each attempt.")
     max_pixels: int = Field(100_000_000, gt=0, description="Largest image analysed (decompression-bomb cap).")
+    box_threshold: float = Field(
+        0.7, gt=0, lt=1, description="The box outlines the heatmap region above this share of its peak."
+    )
 
 
 class ReportSettings(_Section):
@@ -158,7 +161,9 @@ class ReportSettings(_Section):
     annotated_image: bool = Field(True, description="Produce an annotated secondary capture per analysed image.")
     annotate_negatives: bool = Field(True, description="Also produce annotated images for negative findings.")
     heatmap_opacity: float = Field(0.35, ge=0, le=1, description="Opacity of the heatmap blended over the image.")
-    heatmap_min: float = Field(0.3, ge=0, le=1, description="Heatmap values below this are not drawn.")
+    heatmap_min: float = Field(
+        0.5, ge=0, le=1, description="Heatmap values below this share of the peak are not drawn (positives only)."
+    )
     banner_disclaimer: str = Field("AI result, not a diagnosis", description="Banner text on annotated images.")
     manufacturer: str = Field("pacs-bridge", description="Manufacturer written in the objects.")
     institution_name: str | None = Field(None, description="Institution Name written in the objects, if set.")

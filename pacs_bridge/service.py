@@ -47,7 +47,12 @@ def load_analyser(settings: Settings) -> Any | None:
     except Exception as exc:
         LOGGER.error("no model loaded from %s: %s; studies stay queued until a model is configured", folder, exc)
         return None
-    return Analyser(model, batch_size=settings.analysis.batch_size, max_pixels=settings.analysis.max_pixels)
+    return Analyser(
+        model,
+        batch_size=settings.analysis.batch_size,
+        max_pixels=settings.analysis.max_pixels,
+        heatmap_threshold=settings.analysis.box_threshold,
+    )
 
 
 def _publisher(settings: Settings) -> Any | None:

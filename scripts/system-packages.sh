@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install the Debian packages that pacs-bridge's tests use, when missing:
 # dcmtk (storescu, echoscu, dsrdump, dcmcjpeg, ...), orthanc (a real PACS),
-# dicom3tools (dciodvfy). Runs apt-get only if something is missing.
+# dicom3tools (dciodvfy), chromium (renders the SR as HTML for the pictures).
+# Runs apt-get only if something is missing.
 set -euo pipefail
 missing=()
 command -v storescu >/dev/null 2>&1 && [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "system packages present: dcmtk, orthanc, dicom3tools"
+  echo "system packages present: dcmtk, orthanc, dicom3tools, chromium"
   exit 0
 fi
 SUDO=""

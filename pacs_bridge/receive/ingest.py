@@ -16,14 +16,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacs_bridge.errors import OutOfResources, RejectedInstance
 from pacs_bridge.store.db import Database
-from pacs_bridge.store.index import InstanceRecord, add_instance, find_instance
+from pacs_bridge.store.index import FastIndex, InstanceRecord, find_instance
+from pacs_bridge.store.models import Instance
 from pacs_bridge.store.spool import Spool, valid_uid
 
 __all__ = [
@@ -118,6 +119,7 @@ class Ingestor:
         # One writer at a time keeps SQLite free of lock contention and makes the
         # duplicate check and the insert one step; file writes happen outside it.
         self._index_lock = threading.Lock()
+        self._index = FastIndex()
 
     def _identify(self, ds: Dataset, transfer_syntax: str | None) -> tuple[str, str, str, str]:
         uids = {}
@@ -209,9 +211,13 @@ class Ingestor:
         while True:
             attempts += 1
             try:
-                with self._index_lock, self.db.session() as session:
-                    _, new = add_instance(session, record)
-                return new
+                with self._index_lock:
+                    try:
+                        with self.db.engine.begin() as conn:
+                            return self._index.add(conn, record)
+                    except BaseException:
+                        self._index.clear()
+                        raise
             except IntegrityError:
                 # Another worker (PostgreSQL) inserted the same UID first: it is a duplicate now.
                 if attempts >= 3:
@@ -225,29 +231,22 @@ class Ingestor:
         """Index spool files that have no row (a crash between rename and commit); return how many."""
         from pydicom import dcmread
 
+        with self.db.sessions() as session:
+            known = set(session.scalars(select(Instance.sop_instance_uid)))
         added = 0
-        with self.db.session() as session:
-            for path in self.spool.files():
-                if find_instance(session, path.stem) is not None:
-                    continue
-                try:
-                    ds = dcmread(path, stop_before_pixels=True)
-                    study_uid, series_uid, sop_uid, sop_class = self._identify(
-                        ds, str(ds.file_meta.get("TransferSyntaxUID", "")) or None
-                    )
-                except Exception as exc:
-                    LOGGER.warning("spool file %s is unreadable and left out of the index: %s", path.name, exc)
-                    continue
-                if sop_uid != path.stem:
-                    continue
+        for path in self.spool.files():
+            if path.stem in known:
+                continue
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
                 ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-                uids = (study_uid, series_uid, sop_uid, sop_class)
-                record = _record(ds, uids, ts, path, path.stat().st_size, None, "recovered")
-                add_instance(session, record)
+                uids = self._identify(ds, ts or None)
+            except Exception as exc:
+                LOGGER.warning("spool file %s is unreadable and left out of the index: %s", path.name, exc)
+                continue
+            if uids[2] != path.stem:
+                continue
+            record = _record(ds, uids, ts, path, path.stat().st_size, None, "recovered")
+            if self._commit(record):
                 added += 1
         return added
-
-
-def describe(ds: Any) -> str:
-    """A log-safe description of a data set (UIDs only, never patient data)."""
-    return f"SOP {ds.get('SOPInstanceUID', '?')} of study {ds.get('StudyInstanceUID', '?')}"

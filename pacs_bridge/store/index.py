@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
-from pacs_bridge.store.models import Instance, Series, Study, StudyState, utcnow
+from pacs_bridge.store.models import Instance, InstanceState, Series, Study, StudyState, utcnow
 
-__all__ = ["InstanceRecord", "add_instance", "find_instance"]
+__all__ = ["FastIndex", "InstanceRecord", "find_instance"]
 
 
 @dataclass(frozen=True)
@@ -57,61 +58,113 @@ def _merge_modalities(current: str | None, modality: str | None) -> str | None:
     return "\\".join(sorted(values))
 
 
-def add_instance(session: Session, record: InstanceRecord, now: datetime | None = None) -> tuple[Instance, bool]:
-    """Add ``record`` unless its SOP Instance UID is known; return the row and whether it is new."""
-    existing = find_instance(session, record.sop_instance_uid)
-    if existing is not None:
-        return existing, False
-    with session.no_autoflush:
-        return _add_new(session, record, now or utcnow()), True
+class FastIndex:
+    """Adds instances to the index in a few Core statements.
 
+    Study and series ids are cached by UID (a UID's row id never changes), so a
+    new instance of a known study costs one duplicate check, one update and two
+    inserts at most. The caller serialises calls (the ingest lock).
+    """
 
-def _add_new(session: Session, record: InstanceRecord, now: datetime) -> Instance:
-    study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
-    if study is None:
-        study = Study(
-            study_instance_uid=record.study_instance_uid,
-            patient_id=record.patient_id,
-            patient_name=record.patient_name,
-            accession_number=record.accession_number,
-            study_date=record.study_date,
-            study_description=record.study_description,
-            calling_aet=record.calling_aet,
-            source=record.source,
-            first_received_at=now,
-            instance_count=0,
-            total_bytes=0,
+    def __init__(self, max_cached: int = 10_000) -> None:
+        self._studies: dict[str, int] = {}
+        self._series: dict[str, int] = {}
+        self._modalities: dict[int, set[str]] = {}
+        self._max = max_cached
+
+    def clear(self) -> None:
+        """Forget cached ids (after a rolled-back transaction they may name no row)."""
+        self._studies.clear()
+        self._series.clear()
+        self._modalities.clear()
+
+    def _trim(self) -> None:
+        if len(self._studies) > self._max or len(self._series) > self._max:
+            self.clear()
+
+    def add(self, conn: Connection, record: InstanceRecord, now: datetime | None = None) -> bool:
+        """Insert ``record`` unless its SOP Instance UID is known; True if it is new."""
+        now = now or utcnow()
+        known = conn.execute(
+            select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
+        ).first()
+        if known is not None:
+            return False
+        self._trim()
+        study_id = self._studies.get(record.study_instance_uid)
+        if study_id is None:
+            study_id = conn.execute(
+                select(Study.id).where(Study.study_instance_uid == record.study_instance_uid)
+            ).scalar()
+            if study_id is None:
+                study_id = conn.execute(
+                    insert(Study)
+                    .values(
+                        study_instance_uid=record.study_instance_uid,
+                        patient_id=record.patient_id,
+                        patient_name=record.patient_name,
+                        accession_number=record.accession_number,
+                        study_date=record.study_date,
+                        study_description=record.study_description,
+                        calling_aet=record.calling_aet,
+                        source=record.source,
+                        state=StudyState.RECEIVING,
+                        first_received_at=now,
+                        last_received_at=now,
+                        instance_count=0,
+                        total_bytes=0,
+                        attempts=0,
+                    )
+                    .returning(Study.id)
+                ).scalar_one()
+            self._studies[record.study_instance_uid] = study_id
+        values: dict[str, Any] = {
+            "state": StudyState.RECEIVING,
+            "state_reason": None,
+            "settled_at": None,
+            "last_received_at": now,
+            "instance_count": Study.instance_count + 1,
+            "total_bytes": Study.total_bytes + record.size_bytes,
+        }
+        seen = self._modalities.get(study_id)
+        if record.modality and (seen is None or record.modality not in seen):
+            current = conn.execute(select(Study.modalities).where(Study.id == study_id)).scalar()
+            merged = _merge_modalities(current, record.modality)
+            values["modalities"] = merged
+            self._modalities[study_id] = set(filter(None, (merged or "").split("\\")))
+        conn.execute(update(Study).where(Study.id == study_id).values(**values))
+        series_id = self._series.get(record.series_instance_uid)
+        if series_id is None:
+            series_id = conn.execute(
+                select(Series.id).where(Series.series_instance_uid == record.series_instance_uid)
+            ).scalar()
+            if series_id is None:
+                series_id = conn.execute(
+                    insert(Series)
+                    .values(
+                        series_instance_uid=record.series_instance_uid,
+                        study_id=study_id,
+                        modality=record.modality,
+                        body_part_examined=record.body_part_examined,
+                        series_number=record.series_number,
+                        series_description=record.series_description,
+                    )
+                    .returning(Series.id)
+                ).scalar_one()
+            self._series[record.series_instance_uid] = series_id
+        conn.execute(
+            insert(Instance).values(
+                sop_instance_uid=record.sop_instance_uid,
+                sop_class_uid=record.sop_class_uid,
+                study_id=study_id,
+                series_id=series_id,
+                instance_number=record.instance_number,
+                transfer_syntax_uid=record.transfer_syntax_uid,
+                file_path=str(record.file_path),
+                size_bytes=record.size_bytes,
+                calling_aet=record.calling_aet,
+                received_at=now,
+                state=InstanceState.PENDING,
+            )
         )
-        session.add(study)
-    study.state = StudyState.RECEIVING
-    study.state_reason = None
-    study.settled_at = None
-    study.last_received_at = now
-    study.instance_count = (study.instance_count or 0) + 1
-    study.total_bytes = (study.total_bytes or 0) + record.size_bytes
-    study.modalities = _merge_modalities(study.modalities, record.modality)
-    series = session.scalar(select(Series).where(Series.series_instance_uid == record.series_instance_uid))
-    if series is None:
-        series = Series(
-            series_instance_uid=record.series_instance_uid,
-            study=study,
-            modality=record.modality,
-            body_part_examined=record.body_part_examined,
-            series_number=record.series_number,
-            series_description=record.series_description,
-        )
-        session.add(series)
-    instance = Instance(
-        sop_instance_uid=record.sop_instance_uid,
-        sop_class_uid=record.sop_class_uid,
-        study=study,
-        series=series,
-        instance_number=record.instance_number,
-        transfer_syntax_uid=record.transfer_syntax_uid,
-        file_path=str(record.file_path),
-        size_bytes=record.size_bytes,
-        calling_aet=record.calling_aet,
-        received_at=now,
-    )
-    session.add(instance)
-    return instance
+        return True

@@ -210,7 +210,7 @@ class Handlers:
             return
         how = "aborted" if event.event is evt.EVT_ABORTED else "released"
         LOGGER.info(
-            "association from %s at %s %s: %d stored, %d duplicates, %d refused, %d bytes, %d studies %s, %.2f s",
+            "association from %s at %s %s: %d stored, %d duplicates, %d refused, %d bytes, %d studies%s, %.2f s",
             stats.calling_aet,
             stats.peer,
             how,
@@ -219,7 +219,7 @@ class Handlers:
             stats.failed,
             stats.bytes,
             len(stats.studies),
-            ",".join(sorted(stats.studies)[:5]),
+            (" " + ",".join(sorted(stats.studies)[:5])) if stats.studies else "",
             time.monotonic() - stats.started,
         )
 

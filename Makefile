@@ -34,7 +34,8 @@ test: system-packages install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
-	$(BIN)/ruff check pacs_bridge trainer tests bench
+	$(BIN)/ruff check pacs_bridge trainer tests bench scripts
+	$(BIN)/ruff format --check pacs_bridge trainer tests bench scripts
 	$(BIN)/mypy
 
 bench: install-dev

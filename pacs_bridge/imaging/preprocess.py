@@ -68,8 +68,7 @@ class PreprocessSpec:
             raise ValueError(f"preprocessing.channels must be 1 or 3, got {self.channels}")
         if self.normalisation not in _NORMALISATIONS:
             raise ValueError(
-                f"preprocessing.normalisation must be one of {_NORMALISATIONS}, "
-                f"got {self.normalisation!r}"
+                f"preprocessing.normalisation must be one of {_NORMALISATIONS}, got {self.normalisation!r}"
             )
         if self.normalisation == "imagenet" and self.channels != 3:
             raise ValueError("preprocessing.normalisation 'imagenet' needs channels = 3")

@@ -87,9 +87,7 @@ def request_reanalysis(session: Session, study_uid: str) -> bool:
         return False
     instance_ids = select(Instance.id).where(Instance.study_id == study.id)
     session.execute(delete(InstanceResult).where(InstanceResult.instance_id.in_(instance_ids)))
-    session.execute(
-        update(Instance).where(Instance.study_id == study.id).values(state=InstanceState.PENDING)
-    )
+    session.execute(update(Instance).where(Instance.study_id == study.id).values(state=InstanceState.PENDING))
     study.state = StudyState.QUEUED
     study.state_reason = "re-analysis requested"
     study.attempts = 0

@@ -217,9 +217,7 @@ class Worker:
         model_name, model_version = plan.model_name, plan.model_version
         with self.db.session() as session:
             for instance_id in plan.skipped:
-                session.execute(
-                    update(Instance).where(Instance.id == instance_id).values(state=InstanceState.SKIPPED)
-                )
+                session.execute(update(Instance).where(Instance.id == instance_id).values(state=InstanceState.SKIPPED))
             for (instance_id, sop_uid, _), finding in zip(plan.todo, findings, strict=True):
                 session.add(self._result_row(instance_id, study_uid, sop_uid, finding, model_name, model_version))
                 ok = getattr(finding, "reason", None) is None

@@ -85,9 +85,7 @@ class FastIndex:
     def add(self, conn: Connection, record: InstanceRecord, now: datetime | None = None) -> bool:
         """Insert ``record`` unless its SOP Instance UID is known; True if it is new."""
         now = now or utcnow()
-        known = conn.execute(
-            select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
-        ).first()
+        known = conn.execute(select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)).first()
         if known is not None:
             return False
         self._trim()

@@ -98,8 +98,11 @@ def test_dcmtk_storescu_100_instances_settle_once(server: ServeProcess, tmp_path
         env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert rows(server, f"select count(*) from instances join studies on studies.id = study_id "
-                        f"where study_instance_uid = '{study_uid}'") == [(100,)]
+    assert rows(
+        server,
+        f"select count(*) from instances join studies on studies.id = study_id "
+        f"where study_instance_uid = '{study_uid}'",
+    ) == [(100,)]
     row = server.wait_for_state(study_uid, {"queued", "skipped", "done"})
     assert row["instances"] == 100
     assert row["state"] == "queued"  # analysis is off in this server: it stays queued

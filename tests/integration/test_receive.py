@@ -303,3 +303,41 @@ def test_kill_9_during_200_instances_loses_nothing_acknowledged(tmp_path: Path) 
         assert row["instances"] >= len(acknowledged)
     finally:
         server.stop()
+
+
+def test_sigterm_while_receiving_keeps_every_acknowledged_instance(tmp_path: Path) -> None:
+    import threading
+
+    server = ServeProcess(tmp_path / "srv")
+    server.start()
+    study_uid = generate_uid()
+    datasets = [dx(study_uid, n + 1) for n in range(100)]
+    acknowledged: list[str] = []
+
+    def send() -> None:
+        ae = AE(ae_title="TEST_SCU")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="PACS_BRIDGE")
+        for ds in datasets:
+            if not assoc.is_established:
+                return
+            try:
+                status = assoc.send_c_store(ds)
+            except RuntimeError:
+                return
+            if status and status.Status == 0:
+                acknowledged.append(ds.SOPInstanceUID)
+        assoc.release()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.stop() == 0  # SIGTERM: no new associations, the open one may finish
+    sender.join(timeout=60)
+    stored = {uid for (uid,) in rows(server, "select sop_instance_uid from instances")}
+    assert set(acknowledged) <= stored
+    assert {f.stem for f in spool_files(server)} == stored
+    assert not list((server.data_dir / "tmp").iterdir())
+    assert "pacs-bridge stopped" in server.log()

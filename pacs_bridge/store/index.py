@@ -58,6 +58,14 @@ def _merge_modalities(current: str | None, modality: str | None) -> str | None:
     return "\\".join(sorted(values))
 
 
+def _select_or_insert(conn: Connection, table: Any, where: Any, values: dict[str, Any]) -> int:
+    """The id of the row matching ``where``, inserted from ``values`` when there is none."""
+    found = conn.execute(select(table.id).where(where)).scalar()
+    if found is not None:
+        return int(found)
+    return int(conn.execute(insert(table).values(**values).returning(table.id)).scalar_one())
+
+
 class FastIndex:
     """Adds instances to the index in a few Core statements.
 
@@ -91,30 +99,27 @@ class FastIndex:
         self._trim()
         study_id = self._studies.get(record.study_instance_uid)
         if study_id is None:
-            study_id = conn.execute(
-                select(Study.id).where(Study.study_instance_uid == record.study_instance_uid)
-            ).scalar()
-            if study_id is None:
-                study_id = conn.execute(
-                    insert(Study)
-                    .values(
-                        study_instance_uid=record.study_instance_uid,
-                        patient_id=record.patient_id,
-                        patient_name=record.patient_name,
-                        accession_number=record.accession_number,
-                        study_date=record.study_date,
-                        study_description=record.study_description,
-                        calling_aet=record.calling_aet,
-                        source=record.source,
-                        state=StudyState.RECEIVING,
-                        first_received_at=now,
-                        last_received_at=now,
-                        instance_count=0,
-                        total_bytes=0,
-                        attempts=0,
-                    )
-                    .returning(Study.id)
-                ).scalar_one()
+            study_id = _select_or_insert(
+                conn,
+                Study,
+                Study.study_instance_uid == record.study_instance_uid,
+                dict(
+                    study_instance_uid=record.study_instance_uid,
+                    patient_id=record.patient_id,
+                    patient_name=record.patient_name,
+                    accession_number=record.accession_number,
+                    study_date=record.study_date,
+                    study_description=record.study_description,
+                    calling_aet=record.calling_aet,
+                    source=record.source,
+                    state=StudyState.RECEIVING,
+                    first_received_at=now,
+                    last_received_at=now,
+                    instance_count=0,
+                    total_bytes=0,
+                    attempts=0,
+                ),
+            )
             self._studies[record.study_instance_uid] = study_id
         values: dict[str, Any] = {
             "state": StudyState.RECEIVING,
@@ -133,22 +138,19 @@ class FastIndex:
         conn.execute(update(Study).where(Study.id == study_id).values(**values))
         series_id = self._series.get(record.series_instance_uid)
         if series_id is None:
-            series_id = conn.execute(
-                select(Series.id).where(Series.series_instance_uid == record.series_instance_uid)
-            ).scalar()
-            if series_id is None:
-                series_id = conn.execute(
-                    insert(Series)
-                    .values(
-                        series_instance_uid=record.series_instance_uid,
-                        study_id=study_id,
-                        modality=record.modality,
-                        body_part_examined=record.body_part_examined,
-                        series_number=record.series_number,
-                        series_description=record.series_description,
-                    )
-                    .returning(Series.id)
-                ).scalar_one()
+            series_id = _select_or_insert(
+                conn,
+                Series,
+                Series.series_instance_uid == record.series_instance_uid,
+                dict(
+                    series_instance_uid=record.series_instance_uid,
+                    study_id=study_id,
+                    modality=record.modality,
+                    body_part_examined=record.body_part_examined,
+                    series_number=record.series_number,
+                    series_description=record.series_description,
+                ),
+            )
             self._series[record.series_instance_uid] = series_id
         conn.execute(
             insert(Instance).values(

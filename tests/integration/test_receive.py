@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,24 @@ def store(port: int, datasets: list[Dataset], calling: str = "TEST_SCU", called:
         statuses.append(int(status.Status) if status else -1)
     assoc.release()
     return statuses
+
+
+def send_counting(port: int, datasets: list[Dataset], acknowledged: list[str]) -> None:
+    """C-STORE on one association until it ends; append each SOP Instance UID answered with success."""
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
+    for ds in datasets:
+        if not assoc.is_established:
+            return
+        try:
+            status = assoc.send_c_store(ds)
+        except RuntimeError:
+            return
+        if status and status.Status == 0:
+            acknowledged.append(ds.SOPInstanceUID)
+    if assoc.is_established:
+        assoc.release()
 
 
 def rows(server: ServeProcess, sql: str) -> list[tuple[object, ...]]:
@@ -259,8 +278,6 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_kill_9_during_200_instances_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    import threading
-
     server = ServeProcess(tmp_path / "srv", {"study": {"settle_seconds": 0.5}})
     server.start()
     study_uid = generate_uid()
@@ -268,21 +285,7 @@ def test_kill_9_during_200_instances_loses_nothing_acknowledged(tmp_path: Path) 
     datasets = [dx(study_uid, n + 1, series_uid=series_uid) for n in range(200)]
     acknowledged: list[str] = []
 
-    def send() -> None:
-        ae = AE(ae_title="TEST_SCU")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="PACS_BRIDGE")
-        for ds in datasets:
-            if not assoc.is_established:
-                return
-            try:
-                status = assoc.send_c_store(ds)
-            except RuntimeError:
-                return
-            if status and status.Status == 0:
-                acknowledged.append(ds.SOPInstanceUID)
-
-    sender = threading.Thread(target=send, daemon=True)
+    sender = threading.Thread(target=send_counting, args=(server.port, datasets, acknowledged), daemon=True)
     sender.start()
     deadline = time.monotonic() + 60
     while len(acknowledged) < 60 and time.monotonic() < deadline:
@@ -306,30 +309,13 @@ def test_kill_9_during_200_instances_loses_nothing_acknowledged(tmp_path: Path) 
 
 
 def test_sigterm_while_receiving_keeps_every_acknowledged_instance(tmp_path: Path) -> None:
-    import threading
-
     server = ServeProcess(tmp_path / "srv")
     server.start()
     study_uid = generate_uid()
     datasets = [dx(study_uid, n + 1) for n in range(100)]
     acknowledged: list[str] = []
 
-    def send() -> None:
-        ae = AE(ae_title="TEST_SCU")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="PACS_BRIDGE")
-        for ds in datasets:
-            if not assoc.is_established:
-                return
-            try:
-                status = assoc.send_c_store(ds)
-            except RuntimeError:
-                return
-            if status and status.Status == 0:
-                acknowledged.append(ds.SOPInstanceUID)
-        assoc.release()
-
-    sender = threading.Thread(target=send, daemon=True)
+    sender = threading.Thread(target=send_counting, args=(server.port, datasets, acknowledged), daemon=True)
     sender.start()
     deadline = time.monotonic() + 60
     while len(acknowledged) < 20 and time.monotonic() < deadline:

@@ -16,7 +16,6 @@ The decision threshold and test metrics are filled in by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -27,12 +26,13 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_bridge.imaging.preprocess import PreprocessSpec
+from pacs_bridge.inference.manifest import sha256_file
 from trainer import BODY_PARTS
 from trainer.data import load_tensors, read_dataset, read_split_csv
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["OUTPUT_NAMES", "ExportError", "build_manifest", "convert", "export", "parity_check", "sha256_of"]
+__all__ = ["OUTPUT_NAMES", "ExportError", "build_manifest", "convert", "export", "parity_check"]
 
 INPUT_NAME = "image"
 OUTPUT_NAMES: tuple[str, ...] = ("probability", "heatmap", "body_part")
@@ -42,15 +42,6 @@ _COPIED = ("splits.csv", "history.csv", "training.json", "LICENSE-AND-CITATION.t
 
 class ExportError(RuntimeError):
     """The export failed or the exported graph does not reproduce the Keras model."""
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _rename(graph: Any, old: str, new: str) -> None:
@@ -224,7 +215,7 @@ def export(
     training = _training_block(record)
     training["parity_max_abs_diff"] = max(diffs.values())
     manifest = build_manifest(
-        name=name, version=version, onnx_file="model.onnx", sha256=sha256_of(onnx_path), spec=spec, training=training
+        name=name, version=version, onnx_file="model.onnx", sha256=sha256_file(onnx_path), spec=spec, training=training
     )
     manifest_path = out_dir / "model.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}

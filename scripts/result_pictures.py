@@ -11,7 +11,6 @@ the annotated secondary captures as PNG and the TID 1500 SR as rendered by DCMTK
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.dicom_files import make_radiograph  # noqa: E402
 from tests.support.paths import FRACATLAS  # noqa: E402
+from tests.support.render import render_sr_png  # noqa: E402
 from tests.support.serve import ServeProcess  # noqa: E402
 
 IMAGES = {"positive": "images/Fractured/IMG0000019.jpg", "negative": "images/Non_fractured/IMG0000001.jpg"}
@@ -60,27 +60,7 @@ def main() -> int:
             for path in outputs:
                 ds = pydicom.dcmread(path)
                 if ds.SOPClassUID == SR_CLASS:
-                    html = tmp / "sr.html"
-                    subprocess.run(["dsr2html", str(path), str(html)], check=True)
-                    subprocess.run(
-                        [
-                            "chromium",
-                            "--headless",
-                            "--no-sandbox",
-                            "--disable-gpu",
-                            "--hide-scrollbars",
-                            "--disable-background-networking",
-                            "--disable-component-update",
-                            "--no-first-run",
-                            f"--user-data-dir={tmp / 'chromium'}",
-                            f"--screenshot={args.out / 'result-sr.png'}",
-                            "--window-size=900,1500",
-                            html.as_uri(),
-                        ],
-                        check=True,
-                        capture_output=True,
-                        timeout=120,
-                    )
+                    render_sr_png(path, args.out / "result-sr.png", tmp, window=(900, 1500))
                     continue
                 source_uid = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
                 kind = next(k for k, s in sources.items() if s.SOPInstanceUID == source_uid)

@@ -25,6 +25,7 @@ from pacs_bridge.report.sr import build_sr
 from pacs_bridge.report.uids import instance_uid
 from tests.support.dicom_files import make_radiograph
 from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
+from tests.support.render import render_sr_png
 
 FRACATLAS = FRACATLAS_ROOT / "images"
 POSITIVE = FRACATLAS / "Fractured" / "IMG0000019.jpg"
@@ -170,27 +171,6 @@ def test_sr_rendering_artefact(tmp_path: Path, source: Dataset) -> None:
     findings = [_positive(source), FindingInput(second.SOPInstanceUID, second.SOPClassUID, 0.07, False, 0.5)]
     sr = build_sr([source, second], findings, MODEL, ReportSettings())
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
-    subprocess.run(["dsr2html", str(tmp_path / "sr.dcm"), str(tmp_path / "sr.html")], check=True)
     ARTIFACTS.mkdir(exist_ok=True)
-    png = ARTIFACTS / "sr.png"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            f"--screenshot={png}",
-            "--window-size=900,1450",
-            (tmp_path / "sr.html").as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    png = render_sr_png(tmp_path / "sr.dcm", ARTIFACTS / "sr.png", tmp_path)
     assert png.is_file() and png.stat().st_size > 10_000

@@ -15,15 +15,18 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pacs_bridge.errors import ConfigError
 
 __all__ = [
+    "DICOM_KINDS",
+    "RESULT_KINDS",
     "AnalysisSettings",
     "DestinationSettings",
+    "DestinationType",
     "DicomSettings",
     "LogSettings",
     "ReportSettings",
@@ -34,7 +37,9 @@ __all__ = [
     "WatchSettings",
     "WebSettings",
     "deep_merge",
+    "default_object_kinds",
     "load_settings",
+    "routes",
 ]
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -178,25 +183,180 @@ class SendSettings(_Section):
     timeout: float = Field(30, gt=0, description="Association and DIMSE timeout, seconds.")
 
 
+DestinationType = Literal["dicom", "dicomweb", "hl7", "fhir", "webhook"]
+"""How a destination receives results: C-STORE, STOW-RS, HL7 v2 over MLLP, a FHIR transaction, a JSON POST."""
+
+DICOM_KINDS: tuple[str, ...] = ("sr", "capture", "gsps", "summary")
+"""Output object kinds that are DICOM Part 10 files (PS3.10)."""
+
+RESULT_KINDS: tuple[str, ...] = ("result",)
+"""Output object kinds that are study result documents (JSON), what RIS messages are built from."""
+
+_DICOM_TYPES = ("dicom", "dicomweb")
+_URL_TYPES = ("dicomweb", "fhir", "webhook")
+_URL_RE = re.compile(r"^https?://[^\s/]+", re.IGNORECASE)
+
+
+def default_object_kinds(destination_type: str) -> list[str]:
+    """The object kinds a destination of ``destination_type`` receives when ``objects`` is not set."""
+    return list(DICOM_KINDS if destination_type in _DICOM_TYPES else RESULT_KINDS)
+
+
 class DestinationSettings(_Section):
-    """``[[destinations]]``: a DICOM node that receives results (usually the PACS that sent the study)."""
+    """``[[destinations]]``: where results go: a DICOM node (usually the PACS that sent the study), a DICOMweb
+    server (STOW-RS), a RIS (HL7 v2 ORU^R01 over MLLP), a FHIR R4 server, or a webhook. A destination receives
+    every study, unless ``from_aets`` names calling AE titles (then only studies received from those) or
+    ``return_to_sender`` is true (then only studies whose calling AE title equals the destination's own
+    ``ae_title``: the results go back to the node that sent the study); studies dropped in the watched folder
+    have no calling AE title and reach neither kind of restricted destination.
+    """
 
     name: str = Field(..., min_length=1, max_length=64, description="Name used in logs and the outbox.")
-    ae_title: str = Field(..., description="The destination's AE title.")
-    host: str = Field(..., min_length=1, description="Host name or address.")
-    port: int = Field(..., ge=1, le=65535, description="TCP port.")
+    type: DestinationType = Field(
+        "dicom",
+        description="'dicom' (C-STORE), 'dicomweb' (STOW-RS), 'hl7' (ORU^R01 over MLLP), 'fhir' (R4), 'webhook'.",
+    )
+    ae_title: str | None = Field(
+        None,
+        validate_default=True,
+        description="The destination's AE title (type dicom; also what return_to_sender compares).",
+    )
+    host: str | None = Field(None, validate_default=True, description="Host name or address (types dicom and hl7).")
+    port: int | None = Field(None, ge=1, le=65535, validate_default=True, description="TCP port (types dicom and hl7).")
+    url: str | None = Field(
+        None,
+        validate_default=True,
+        description="Base URL (types dicomweb, fhir, webhook), e.g. http://pacs:8042/dicom-web.",
+    )
     calling_ae_title: str | None = Field(
         None, description="Our AE title for this destination; default [dicom] ae_title."
     )
-    tls: bool = Field(False, description="Use DICOM TLS.")
-    tls_ca: Path | None = Field(None, description="CA bundle that verifies the destination.")
+    objects: list[str] = Field(
+        default_factory=list,
+        description="Object kinds sent: sr, capture, gsps, summary (dicom, dicomweb) or result (hl7, fhir, webhook). "
+        "Empty: all the kinds of the type.",
+    )
+    from_aets: list[str] = Field(
+        default_factory=list, description="Only studies received from these calling AE titles; empty: all studies."
+    )
+    return_to_sender: bool = Field(
+        False, description="Only studies whose calling AE title equals this destination's ae_title."
+    )
+    auth: Literal["none", "basic", "bearer"] = Field(
+        "none", description="HTTP authentication (dicomweb, fhir, webhook): 'none', 'basic' or 'bearer'."
+    )
+    username: str = Field("", description="User name for basic authentication.")
+    password: str = Field("", description="Password for basic authentication (masked by config --show).")
+    token: str = Field("", description="Token for bearer authentication (masked by config --show).")
+    verify_tls: bool = Field(True, description="Verify the server's certificate for https URLs (keep on).")
+    tls: bool = Field(False, description="Use TLS (DICOM TLS for dicom, MLLP over TLS for hl7).")
+    tls_ca: Path | None = Field(None, description="CA bundle that verifies the destination (TLS and https).")
     tls_cert: Path | None = Field(None, description="Our client certificate, if the destination asks for one.")
     tls_key: Path | None = Field(None, description="Key of tls_cert.")
+    sending_application: str = Field("PACS_BRIDGE", description="HL7 MSH-3 Sending Application.")
+    sending_facility: str = Field("", description="HL7 MSH-4 Sending Facility.")
+    receiving_application: str = Field("", description="HL7 MSH-5 Receiving Application.")
+    receiving_facility: str = Field("", description="HL7 MSH-6 Receiving Facility.")
+    result_status: Literal["final", "preliminary"] = Field(
+        "final", description="Status of HL7 and FHIR results: 'final' (F) or 'preliminary' (P)."
+    )
 
-    @field_validator("ae_title", "calling_ae_title")
+    @model_validator(mode="before")
     @classmethod
-    def _ae(cls, value: str | None) -> str | None:
+    def _default_objects(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("objects"):
+            data = {**data, "objects": default_object_kinds(str(data.get("type") or "dicom"))}
+        return data
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            if info.data.get("type", "dicom") == "dicom":
+                raise ValueError("required for a dicom destination")
+            return None
+        return _check_ae(value)
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling_ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae(value)
+
+    @field_validator("host", "port")
+    @classmethod
+    def _host_port(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = info.data.get("type", "dicom")
+        if value is None and kind in ("dicom", "hl7"):
+            raise ValueError(f"required for a {kind} destination")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("type", "dicom")
+        if value is None:
+            if kind in _URL_TYPES:
+                raise ValueError(f"required for a {kind} destination (http:// or https://)")
+            return None
+        value = value.strip()
+        if not _URL_RE.match(value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("from_aets")
+    @classmethod
+    def _from_aets(cls, values: list[str]) -> list[str]:
+        return [_check_ae(value) for value in values]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DestinationSettings:
+        allowed = DICOM_KINDS if self.type in _DICOM_TYPES else RESULT_KINDS
+        wrong = [kind for kind in self.objects if kind not in allowed]
+        if wrong:
+            raise ValueError(f"objects: a {self.type} destination takes {', '.join(allowed)}, not {', '.join(wrong)}")
+        if self.return_to_sender and self.ae_title is None:
+            raise ValueError("return_to_sender needs ae_title: the calling AE title of the studies to send back")
+        if self.auth == "basic" and not self.username:
+            raise ValueError("auth = 'basic' needs username (and password)")
+        if self.auth == "bearer" and not self.token:
+            raise ValueError("auth = 'bearer' needs token")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key without tls_cert")
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where the destination is, for logs: ``AET@host:port``, ``host:port`` or the URL without credentials."""
+        if self.type == "dicom":
+            return f"{self.ae_title}@{self.host}:{self.port}"
+        if self.type == "hl7":
+            return f"{self.host}:{self.port}"
+        return _without_userinfo(self.url or "")
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``."""
+    return re.sub(r"^(https?://)[^/@\s]*@", r"\1***@", url, flags=re.IGNORECASE)
+
+
+def routes(destination: DestinationSettings, calling_aet: str | None) -> bool:
+    """True when a study received from ``calling_aet`` goes to ``destination``.
+
+    ``from_aets`` (when not empty) must contain the calling AE title, and a
+    ``return_to_sender`` destination takes only studies whose calling AE
+    title equals its own ``ae_title``. AE titles compare without their
+    insignificant leading and trailing spaces (PS3.5 §6.2, AE VR), case
+    sensitively. ``calling_aet`` is ``None`` for studies that came in through
+    the watched folder: those reach only unrestricted destinations.
+    """
+    caller = calling_aet.strip() if calling_aet else None
+    if destination.from_aets and caller not in destination.from_aets:
+        return False
+    if destination.return_to_sender:
+        return caller is not None and caller == destination.ae_title
+    return True
 
 
 class WebSettings(_Section):
@@ -247,6 +407,12 @@ class Settings(_Section):
         data: dict[str, Any] = json.loads(self.model_dump_json())
         if data["web"].get("password"):
             data["web"]["password"] = "********"
+        for destination in data["destinations"]:
+            for secret in ("password", "token"):
+                if destination.get(secret):
+                    destination[secret] = "********"
+            if destination.get("url"):
+                destination["url"] = _without_userinfo(destination["url"])
         data["storage"]["database_url"] = self.storage.resolved_database_url()
         data["watch"]["inbox"] = str(self.inbox)
         return data

@@ -9,11 +9,16 @@ offered by Python's :mod:`ssl`).
 
 :func:`send_files` never raises for a destination that is down, refuses the
 association, refuses a SOP class, answers with a failure status or times out:
-each file gets a :class:`SendResult` with the status or the error.
+each file gets a :class:`SendResult` with the status or the error, and a
+failed one says whether retrying may help (:class:`Failure`): a refusal
+status (0xA7xx, 0xA9xx, 0xCxxx and the 0x01xx/0x02xx failures the peer
+will repeat) or an unreadable file is permanent; no association, a lost
+association or no response is transient.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import ssl
 from collections.abc import Sequence
@@ -28,7 +33,7 @@ from pynetdicom.association import Association
 
 from pacs_bridge.config import DestinationSettings
 
-__all__ = ["SendResult", "send_files", "tls_context"]
+__all__ = ["Failure", "SendResult", "dimse_failure", "send_files", "tls_context"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,15 +41,60 @@ LOGGER = logging.getLogger(__name__)
 _WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 
 
+# PS3.7 C.4.2.1.4 / Annex C: failures that a peer answers again for the same object.
+_PERMANENT_FAILURES = frozenset({0x0117, 0x0122, 0x0124, 0x0211})
+
+
+class Failure(enum.StrEnum):
+    """Whether a failed delivery may succeed when tried again."""
+
+    TRANSIENT = "transient"
+    """Try again later: the destination is down, slow, overloaded or answered 5xx/429/AE."""
+    PERMANENT = "permanent"
+    """Trying again cannot help: the destination refuses the object or the credentials, or the file is gone."""
+
+
+def dimse_failure(status: int) -> Failure:
+    """Classify a failed C-STORE status (PS3.4 B.2.3, PS3.7 Annex C).
+
+    0xA7xx (refused: out of resources), 0xA9xx (data set does not match the
+    SOP class), 0xCxxx (cannot understand) and the general failures 0x0117
+    (invalid SOP instance), 0x0122 (SOP class not supported), 0x0124 (not
+    authorised), 0x0211 (unrecognised operation) are permanent; the rest
+    (0x0110 processing failure, 0x0213 resource limitation, ...) transient.
+    """
+    if status & 0xFF00 in (0xA700, 0xA900) or status & 0xF000 == 0xC000 or status in _PERMANENT_FAILURES:
+        return Failure.PERMANENT
+    return Failure.TRANSIENT
+
+
 @dataclass(frozen=True)
 class SendResult:
-    """What happened to one file: ``ok`` with the DIMSE status, or the reason it was not stored."""
+    """What happened to one file: ``ok`` with the status, or the reason it was not delivered.
+
+    ``status`` is the DIMSE status for C-STORE (or the per-instance status a
+    STOW-RS response gives); ``failure`` says whether a failed delivery is
+    worth retrying (``None`` when ``ok``). A failure built without a
+    classification counts as transient.
+    """
 
     path: Path
     sop_instance_uid: str | None
     ok: bool
     status: int | None = None
     error: str | None = None
+    failure: Failure | None = None
+
+    def __post_init__(self) -> None:
+        if self.ok:
+            object.__setattr__(self, "failure", None)
+        elif self.failure is None:
+            object.__setattr__(self, "failure", Failure.TRANSIENT)
+
+    @property
+    def permanent(self) -> bool:
+        """True for a failure that retrying cannot fix."""
+        return self.failure is Failure.PERMANENT
 
     def describe(self) -> str:
         """``0x0000`` or the error, for logs and ``Delivery.last_error``."""
@@ -105,7 +155,9 @@ def send_files(
             uids[path] = str(dataset.SOPInstanceUID)
         except Exception as exc:  # unreadable file: a failure of that file only
             uids[path] = None
-            results[path] = SendResult(path, None, False, error=f"unreadable file: {type(exc).__name__}: {exc}")
+            results[path] = SendResult(
+                path, None, False, error=f"unreadable file: {type(exc).__name__}: {exc}", failure=Failure.PERMANENT
+            )
 
     ae = AE(ae_title=calling_aet)
     ae.connection_timeout = timeout
@@ -123,10 +175,15 @@ def send_files(
     for sop_class, syntaxes in list(proposed.items())[:128]:
         ae.add_requested_context(sop_class, syntaxes)
 
-    if datasets:
+    host, port, called = destination.host, destination.port, destination.ae_title
+    if host is None or port is None or called is None:  # settings validation makes this a programming error
+        error = f"{destination.name} is a {destination.type} destination, not a DICOM node"
+        for path in datasets:
+            results[path] = SendResult(path, uids[path], False, error=error, failure=Failure.PERMANENT)
+    elif datasets:
         try:
-            tls_args = (tls_context(destination), destination.host) if destination.tls else None
-            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+            tls_args = (tls_context(destination), host) if destination.tls else None
+            assoc = ae.associate(host, port, ae_title=called, tls_args=tls_args)
         except Exception as exc:  # bad TLS files, name resolution, ...
             error = f"cannot connect to {destination.name}: {type(exc).__name__}: {exc}"
             for path in datasets:
@@ -159,12 +216,16 @@ def _store_all(
             results[path] = SendResult(path, uid, False, error=f"association with {destination.name} ended early")
             continue
         if sop_class not in accepted:
-            results[path] = SendResult(path, uid, False, error=f"SOP class {sop_class} refused by {destination.name}")
+            error = f"SOP class {sop_class} refused by {destination.name}"
+            results[path] = SendResult(path, uid, False, error=error, failure=Failure.PERMANENT)
             continue
         try:
             status = assoc.send_c_store(dataset)
         except Exception as exc:  # encoding problems, transfer syntax mismatch
-            results[path] = SendResult(path, uid, False, error=f"C-STORE not sent: {type(exc).__name__}: {exc}")
+            # The object itself cannot be sent unless the association broke meanwhile.
+            failure = Failure.PERMANENT if assoc.is_established else Failure.TRANSIENT
+            error = f"C-STORE not sent: {type(exc).__name__}: {exc}"
+            results[path] = SendResult(path, uid, False, error=error, failure=failure)
             continue
         if "Status" not in status:
             results[path] = SendResult(
@@ -176,4 +237,6 @@ def _store_all(
             results[path] = SendResult(path, uid, True, status=code)
         else:
             comment = str(status.get("ErrorComment", "")) or None
-            results[path] = SendResult(path, uid, False, status=code, error=comment or "C-STORE failed")
+            results[path] = SendResult(
+                path, uid, False, status=code, error=comment or "C-STORE failed", failure=dimse_failure(code)
+            )

@@ -11,21 +11,31 @@
     pacs-bridge train | evaluate | export ...   (needs the train extra)
 
 Only this module configures logging handlers. TensorFlow is imported only by
-``train``, ``evaluate`` and ``export``, through ``trainer``.
+``train``, ``evaluate`` and ``export``, through the trainer (``trainer/`` in
+the repository, installed as the package ``pacs_bridge_trainer``).
+
+Exit status: 0 done, 1 the command found nothing to do (no such study),
+2 the settings, the installation or the data folder cannot work; the reason
+is one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from pacs_bridge.config import Settings, load_settings
 from pacs_bridge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pacs_bridge.store.db import Database
 
 __all__ = ["main"]
 
@@ -57,6 +67,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("settle_seconds", "study", "settle_seconds"),
         ("model", "analysis", "model_dir"),
         ("log_level", "log", "level"),
+        ("roles", "queue", "roles"),
+        ("node_name", "queue", "node_name"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -64,21 +76,119 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides=overrides)
 
 
+_ONNX_RUNTIME_HINT = (
+    "install the cpu extra (pip install 'pacs-bridge[cpu]'), or the gpu extra on a machine with an NVIDIA GPU "
+    "(pip install 'pacs-bridge[gpu]'), never both"
+)
+
+# Top-level modules of the optional extras, and the extra that installs each.
+_EXTRA_OF_MODULE = {
+    "onnxruntime": "cpu",
+    "tensorflow": "train",
+    "keras": "train",
+    "tf2onnx": "train",
+    "matplotlib": "train",
+    "sklearn": "train",
+    "psycopg": "postgres",
+}
+
+
+def _missing_extra_message(exc: ImportError) -> str | None:
+    """What to install for an ImportError of an extra's module; None for any other ImportError."""
+    missing = (exc.name or "").split(".")[0]
+    extra = _EXTRA_OF_MODULE.get(missing)
+    if extra is None:
+        return None
+    if extra == "cpu":
+        return f"ONNX Runtime is not installed: {_ONNX_RUNTIME_HINT}"
+    return f"{missing} is not installed: this command needs the {extra} extra (pip install 'pacs-bridge[{extra}]')"
+
+
+def _check_analysis(settings: Settings) -> None:
+    """With analysis on, ONNX Runtime must import and the model folder must hold a valid model."""
+    if not settings.analysis.enabled:
+        return
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"ONNX Runtime is not installed, so studies cannot be analysed: {_ONNX_RUNTIME_HINT}; "
+            "or set [analysis] enabled = false to store studies without analysing them"
+        ) from exc
+    from pacs_bridge.inference.manifest import ManifestError, ModelManifest
+    from pacs_bridge.inference.model import default_model_dir
+
+    folder = settings.analysis.model_dir or default_model_dir()
+    try:
+        ModelManifest.load(folder)
+    except ManifestError as exc:
+        raise ConfigError(
+            f"no usable model: {exc}; set [analysis] model_dir (or --model) to a model folder "
+            "(model.onnx + model.json), or [analysis] enabled = false"
+        ) from exc
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
+    from pacs_bridge.store.folders import check_data_dir
+
+    check_data_dir(settings)
+    _check_analysis(settings)
     from pacs_bridge.service import Service
 
     return Service(settings).run()
 
 
+def _roles(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    if getattr(args, "roles", None) is None:
+        args.roles = ["settle", "analyse", "publish", "send"]
+    return _cmd_serve(args)
+
+
+def _existing_database(settings: Settings) -> Database:
+    """The database that ``serve`` created, opened as it is: never created here, never migrated.
+
+    A SQLite file that does not exist is not created (a wrong ``--data-dir``
+    or ``--config`` would otherwise leave an empty database behind), and a
+    database without pacs-bridge's tables is refused; both raise ConfigError.
+    """
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pacs_bridge.store.db import open_database
+    from pacs_bridge.store.folders import sqlite_database_path
+
+    url = settings.storage.resolved_database_url()
+    shown = settings.storage.display_database_url()
+    hint = "check --config, --data-dir or [storage] data_dir; pacs-bridge serve creates the database"
+    path = sqlite_database_path(url)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"no database at {path}: {hint}")
+    db = open_database(url, upgrade=False)
+    try:
+        tables = set(inspect(db.engine).get_table_names())
+    except SQLAlchemyError as exc:
+        db.dispose()
+        reason = getattr(exc, "orig", None) or exc
+        raise ConfigError(f"cannot open the database at {shown}: {reason}") from exc
+    if not {"alembic_version", "studies"} <= tables:
+        db.dispose()
+        raise ConfigError(f"no pacs-bridge database at {shown} (its tables are missing): {hint}")
+    return db
+
+
 def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
     from sqlalchemy import select
 
-    from pacs_bridge.store.db import open_database
-    from pacs_bridge.store.models import Delivery, DeliveryState, Instance, InstanceResult, OutputObject, Study
+    from pacs_bridge.pipeline.actions import study_deliveries, study_jobs
+    from pacs_bridge.store.models import Instance, InstanceResult, JobState, Study
 
-    db = open_database(settings.storage.resolved_database_url())
+    db = _existing_database(settings)
     rows: list[dict[str, Any]] = []
     try:
         with db.sessions() as session:
@@ -92,9 +202,8 @@ def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
                     .where(Instance.study_id == study.id)
                     .order_by(Instance.instance_number, Instance.id)
                 ).all()
-                deliveries = session.scalars(
-                    select(Delivery).join(OutputObject).where(OutputObject.study_id == study.id)
-                ).all()
+                deliveries = study_deliveries(session, study.id)
+                jobs = study_jobs(session, study.id)
                 rows.append(
                     {
                         "study_instance_uid": study.study_instance_uid,
@@ -122,16 +231,31 @@ def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
                                 "threshold": r.threshold,
                                 "body_part": r.body_part,
                                 "box": r.box,
+                                "boxes": r.boxes,
                                 "error": r.error,
                                 "model": {"name": r.model_name, "version": r.model_version},
                             }
                             for sop_uid, r in results
                         ],
                         "deliveries": {
-                            state.value: sum(1 for d in deliveries if d.state == state) for state in DeliveryState
+                            state: sum(1 for d in deliveries if d["state"] == state)
+                            for state in ("pending", "sent", "dead")
                         }
                         if deliveries
                         else {},
+                        "delivery_details": deliveries,
+                        "jobs": [
+                            {
+                                "id": job.id,
+                                "kind": job.kind.value,
+                                "state": job.state.value,
+                                "attempts": job.attempts,
+                                "destination": job.destination,
+                                "last_error": job.last_error,
+                            }
+                            for job in jobs
+                            if job.state != JobState.DONE or job.last_error
+                        ],
                     }
                 )
     finally:
@@ -139,10 +263,33 @@ def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _health_problems(settings: Settings) -> list[str]:
+    """Roles of running nodes that are dead or stalled, and dead-letter counts, for ``results``."""
+    from pacs_bridge.health import read_node_roles
+    from pacs_bridge.pipeline.actions import queue_stats
+
+    db = _existing_database(settings)
+    problems: list[str] = []
+    try:
+        for role in read_node_roles(db):
+            if not role["healthy"]:
+                detail = f": {role['error']}" if role["error"] else f" (last heartbeat {role['heartbeat_at']})"
+                problems.append(f"UNHEALTHY: {role['role']} stage on {role['node']} is {role['status']}{detail}")
+        with db.sessions() as session:
+            for kind, stats in queue_stats(session).items():
+                if stats["dead"]:
+                    problems.append(f"{stats['dead']} {kind} job(s) failed for good (dead letters)")
+    finally:
+        db.dispose()
+    return problems
+
+
 def _cmd_results(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging("WARNING")
     rows = _study_rows(settings, args.limit)
+    for problem in _health_problems(settings):
+        print(problem, file=sys.stderr)
     if args.json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
@@ -162,6 +309,45 @@ def _cmd_results(args: argparse.Namespace) -> int:
         dead = row["deliveries"].get("dead", 0)
         if dead:
             print(f"{'':<66}{dead} result objects undeliverable (dead letters): pacs-bridge resend")
+        for job in row["jobs"]:
+            if job["state"] in ("pending", "running", "dead") and job["last_error"]:
+                where = f" to {job['destination']}" if job["destination"] else ""
+                print(
+                    f"{'':<66}{job['kind']}{where}: {job['state']} after {job['attempts']} attempt(s): "
+                    f"{job['last_error']}"
+                )
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    from pacs_bridge.store.db import open_database
+    from pacs_bridge.store.folders import check_data_dir
+
+    if not settings.storage.database_url:
+        check_data_dir(settings)
+    db = open_database(settings.storage.resolved_database_url(), upgrade=True)
+    db.dispose()
+    print(f"database {settings.storage.display_database_url()} is at the newest schema")
+    return 0
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    from pacs_bridge.pipeline.retention import purge
+
+    db = _existing_database(settings)
+    try:
+        counts = purge(db, settings, older_than_days=args.older_than, dry_run=args.dry_run)
+    finally:
+        db.dispose()
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"{verb} {counts['studies']} studies, {counts['files']} files ({counts['bytes']} bytes) "
+        f"and {counts['jobs']} finished jobs older than {args.older_than:g} days"
+    )
     return 0
 
 
@@ -193,13 +379,13 @@ def _drop_none(value: Any) -> Any:
 def _cmd_reanalyse(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
-    from pacs_bridge.pipeline.jobs import request_reanalysis
-    from pacs_bridge.store.db import open_database
+    from pacs_bridge.pipeline.actions import reanalyse
 
-    db = open_database(settings.storage.resolved_database_url())
-    with db.session() as session:
-        found = request_reanalysis(session, args.study_uid)
-    db.dispose()
+    db = _existing_database(settings)
+    try:
+        found = reanalyse(db, args.study_uid)
+    finally:
+        db.dispose()
     if not found:
         print(f"no study {args.study_uid}", file=sys.stderr)
         return 1
@@ -210,12 +396,11 @@ def _cmd_reanalyse(args: argparse.Namespace) -> int:
 def _cmd_resend(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
-    from pacs_bridge.send.outbox import resend_study
-    from pacs_bridge.store.db import open_database
+    from pacs_bridge.pipeline.actions import resend
 
-    db = open_database(settings.storage.resolved_database_url())
+    db = _existing_database(settings)
     try:
-        count = resend_study(db, args.study_uid, destinations=[d.name for d in settings.destinations])
+        count = resend(db, settings, args.study_uid)
     except LookupError:
         print(f"no study {args.study_uid}", file=sys.stderr)
         return 1
@@ -228,18 +413,39 @@ def _cmd_resend(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str, function: str, argv: list[str]) -> int:
-    import importlib
+_TRAINER_PACKAGE = "pacs_bridge_trainer"
 
+
+def _import_command_module(module: str) -> ModuleType:
+    """``module``; a ``trainer.*`` name is found in the installed ``pacs_bridge_trainer`` package.
+
+    The repository keeps the trainer in ``trainer/`` and its modules import
+    one another as ``trainer.*``; installed, it is ``pacs_bridge_trainer``
+    (no top-level ``trainer`` in site-packages), so that name is bound to the
+    installed package before its modules load. From a checkout without an
+    install, ``trainer`` is imported as it is.
+    """
+    if module.split(".", maxsplit=1)[0] == "trainer" and "trainer" not in sys.modules:
+        try:
+            sys.modules["trainer"] = importlib.import_module(_TRAINER_PACKAGE)
+        except ModuleNotFoundError as exc:
+            if exc.name != _TRAINER_PACKAGE:
+                raise
+    return importlib.import_module(module)
+
+
+def _delegate(module: str, function: str, argv: list[str]) -> int:
     try:
-        target = getattr(importlib.import_module(module), function)
+        target = getattr(_import_command_module(module), function)
+        return int(target(argv))
     except ImportError as exc:
-        print(
-            f"this command needs the train extra (pip install 'pacs-bridge[train]'): {exc}",
-            file=sys.stderr,
-        )
+        message = _missing_extra_message(exc)
+        if message is None:
+            if module.split(".", maxsplit=1)[0] != "trainer":
+                raise
+            message = f"this command needs the train extra (pip install 'pacs-bridge[train]'): {exc}"
+        print(f"pacs-bridge: {message}", file=sys.stderr)
         return 2
-    return int(target(argv))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -262,7 +468,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--settle-seconds", type=float, help="override [study] settle_seconds")
     serve.add_argument("--model", type=Path, help="override [analysis] model_dir")
     serve.add_argument("--log-level", help="override [log] level")
+    serve.add_argument(
+        "--roles",
+        type=_roles,
+        help="comma-separated roles of this node: receive,settle,analyse,publish,send,web (default: all)",
+    )
+    serve.add_argument("--node-name", help="override [queue] node_name")
     serve.set_defaults(func=_cmd_serve)
+
+    worker = sub.add_parser(
+        "worker", help="run the pipeline stages only (settle, analyse, publish, send) against a shared database"
+    )
+    _add_common(worker)
+    worker.add_argument("--model", type=Path, help="override [analysis] model_dir")
+    worker.add_argument("--log-level", help="override [log] level")
+    worker.add_argument("--roles", type=_roles, help="default: settle,analyse,publish,send")
+    worker.add_argument("--node-name", help="override [queue] node_name")
+    worker.set_defaults(func=_cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the database schema (once, before split nodes start)")
+    _add_common(migrate)
+    migrate.set_defaults(func=_cmd_migrate)
+
+    purge = sub.add_parser("purge", help="delete studies, their files and finished jobs older than a retention period")
+    _add_common(purge)
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="retention in days")
+    purge.add_argument("--dry-run", action="store_true", help="only count what would be removed")
+    purge.set_defaults(func=_cmd_purge)
 
     results = sub.add_parser("results", help="list studies, newest first, with state and findings")
     _add_common(results)

@@ -113,6 +113,10 @@ class StorageSettings(_Section):
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'pacs-bridge.db').resolve()}"
 
+    def display_database_url(self) -> str:
+        """:meth:`resolved_database_url` with any password masked, for messages and ``config --show``."""
+        return _mask_url_password(self.resolved_database_url())
+
 
 class WatchSettings(_Section):
     """``[watch]``: the folder watcher, a second way in."""
@@ -413,9 +417,39 @@ class Settings(_Section):
                     destination[secret] = "********"
             if destination.get("url"):
                 destination["url"] = _without_userinfo(destination["url"])
-        data["storage"]["database_url"] = self.storage.resolved_database_url()
+        data["storage"]["database_url"] = self.storage.display_database_url()
         data["watch"]["inbox"] = str(self.inbox)
-        return data
+        masked: dict[str, Any] = _mask_secrets(data)
+        return masked
+
+
+_MASK = "********"
+# Keys whose values are secrets wherever they appear: password, web_password, token, client_secret, api_key, ...
+_SECRET_KEY_RE = re.compile(r"(?:^|_)(?:password|passwd|passphrase|token|secret|api_?key)$", re.IGNORECASE)
+_URL_QUERY_PASSWORD_RE = re.compile(r"([?&](?:password|passwd|pwd)=)[^&]*", re.IGNORECASE)
+
+
+def _mask_url_password(url: str) -> str:
+    """``scheme://user:password@host/...`` with the password (and a ``password=`` query value) masked."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        userinfo, at, host = rest.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        if at and colon:
+            url = f"{scheme}://{user}:{_MASK}@{host}"
+    return _URL_QUERY_PASSWORD_RE.sub(rf"\g<1>{_MASK}", url)
+
+
+def _mask_secrets(value: Any) -> Any:
+    """``value`` with every non-empty string under a secret-named key replaced by a mask, at any depth."""
+    if isinstance(value, dict):
+        return {
+            key: _MASK if _SECRET_KEY_RE.search(str(key)) and isinstance(item, str) and item else _mask_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_mask_secrets(item) for item in value]
+    return value
 
 
 _SECTIONS = [name for name in Settings.model_fields if name != "destinations"]

@@ -58,11 +58,24 @@ class ModelLoadError(ManifestError):
 
 
 def default_model_dir() -> Path:
-    """``$PACS_BRIDGE_MODEL_DIR`` if set, else ``<repository root>/models/fracatlas-cnn``."""
+    """``$PACS_BRIDGE_MODEL_DIR`` if set, else the bundled model ``fracatlas-cnn``.
+
+    Installed from a wheel, the bundled model is package data,
+    ``pacs_bridge/_bundled_models/fracatlas-cnn``; in a checkout (an editable
+    install) it is ``<repository root>/models/fracatlas-cnn``, the folder the
+    wheel is built from. When neither exists, the package-data path is returned
+    so that the error names where an install should have put it.
+    """
     override = os.environ.get(MODEL_DIR_ENV)
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
+    package = Path(__file__).resolve().parents[1]
+    bundled = package / "_bundled_models" / DEFAULT_MODEL_NAME
+    checkout = package.parent / "models" / DEFAULT_MODEL_NAME
+    for candidate in (bundled, checkout):
+        if candidate.is_dir():
+            return candidate
+    return bundled
 
 
 def resolve_providers(providers: str | Sequence[str] = "auto") -> list[str]:

@@ -53,7 +53,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="input square side in pixels")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1)
     p.add_argument("--clahe-clip", type=float, default=0.0)
-    p.add_argument("--arch", choices=("compact", "mobilenetv2", "efficientnetb0", "densenet121"), default="compact")
+    p.add_argument(
+        "--arch", choices=("compact", "heatnet", "mobilenetv2", "efficientnetb0", "densenet121"), default="compact"
+    )
     p.add_argument("--width", type=int, default=16, help="first-stage filters of the compact net")
     p.add_argument("--weights", choices=("none", "imagenet"), default="none", help="backbone initial weights")
     p.add_argument("--epochs", type=int, default=40)
@@ -65,6 +67,19 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use a class-balanced subset of this many images")
     p.add_argument("--include-truncated", action="store_true", help="keep images flagged source_truncated")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--weight-decay", type=float, default=0.02, help="AdamW decoupled weight decay (heatnet)")
+    p.add_argument("--ema", type=float, default=0.995, help="weight EMA momentum (heatnet)")
+    p.add_argument("--heatmap-weight", type=float, default=0.25, help="focal-loss weight of the heatmap (heatnet)")
+    p.add_argument("--body-part-weight", type=float, default=0.3)
+    p.add_argument(
+        "--grouped", action="store_true", help="split by duplicate group (exact + perceptual hash), drop contradictions"
+    )
+    p.add_argument(
+        "--keep-test-from", type=Path, default=None, help="grouped: test split only inside this splits.csv's test"
+    )
+    p.add_argument("--folds", type=int, default=5, help="grouped: stratified folds of the non-test pool")
+    p.add_argument("--cv-fold", type=int, default=0, help="grouped: the fold used as validation split")
     p.add_argument("--threads", type=int, default=None, help="TensorFlow intra-op threads")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None, help="Keras progress (1 = bar)")
@@ -99,6 +114,15 @@ def train_main(argv: list[str]) -> int:
         limit=args.limit,
         include_truncated=args.include_truncated,
         augment=not args.no_augment,
+        dropout=args.dropout,
+        weight_decay=args.weight_decay,
+        ema_momentum=args.ema,
+        heatmap_weight=args.heatmap_weight,
+        body_part_weight=args.body_part_weight,
+        grouped=args.grouped,
+        keep_test_from=args.keep_test_from,
+        folds=args.folds,
+        cv_fold=args.cv_fold,
         threads=args.threads,
         resume=args.resume,
         verbose=args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2),

@@ -18,13 +18,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from trainer import BODY_PARTS
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["ARCHITECTURES", "NetConfig", "build_models"]
+__all__ = ["ARCHITECTURES", "HEATMAP_STRIDE", "NetConfig", "build_heatnet", "build_models", "set_fusion"]
 
-ARCHITECTURES: tuple[str, ...] = ("compact", "mobilenetv2", "efficientnetb0", "densenet121")
+HEATMAP_STRIDE = 8
+"""The ``heatnet`` heatmap is ``size / HEATMAP_STRIDE`` on a side."""
+
+ARCHITECTURES: tuple[str, ...] = ("compact", "heatnet", "mobilenetv2", "efficientnetb0", "densenet121")
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ def build_models(cfg: NetConfig):  # type: ignore[no-untyped-def]
     import keras
     from keras import layers
 
+    if cfg.arch == "heatnet":
+        return build_heatnet(cfg)
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.arch!r}; choose from {ARCHITECTURES}")
     inputs = keras.Input(shape=(cfg.size, cfg.size, cfg.channels), name="image")
@@ -114,3 +121,83 @@ def build_models(cfg: NetConfig):  # type: ignore[no-untyped-def]
     train = keras.Model(inputs, {"probability": probability, "body_part": body_part}, name=f"train_{cfg.arch}")
     LOGGER.info("built %s: %d parameters, heatmap %dx%d", cfg.arch, full.count_params(), h, w)
     return full, train
+
+
+def _heatnet_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
+    """Cheap stem (two stride-2 convolutions: 1/4), then stages at 1/8, 1/16, 1/32 with residual blocks."""
+    from keras import layers
+
+    def conv(x, filters: int, stride: int = 1, name: str = "", relu: bool = True):  # type: ignore[no-untyped-def]
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    def residual(x, filters: int, name: str):  # type: ignore[no-untyped-def]
+        y = conv(x, filters, name=f"{name}a")
+        y = conv(y, filters, name=f"{name}b", relu=False)
+        return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([x, y]))
+
+    w = cfg.width
+    x = conv(inputs, 16, stride=2, name="stem1")
+    x = conv(x, w, stride=2, name="stem2")
+    c3 = conv(conv(x, 2 * w, stride=2, name="s1down"), 2 * w, name="s1a")
+    c4 = residual(conv(c3, 4 * w, stride=2, name="s2down"), 4 * w, name="s2r")
+    c5 = residual(conv(c4, 8 * w, stride=2, name="s3down"), 8 * w, name="s3r")
+    return c3, c4, c5
+
+
+def build_heatnet(cfg: NetConfig):  # type: ignore[no-untyped-def]
+    """The 2.x network: image classifier, fracture-centre heatmap at 1/8, body-region sigmoids.
+
+    Returns ``(full_model, train_model)``. ``full_model`` outputs
+    ``probability`` ``[N, 1]`` (the fused score, see :func:`set_fusion`),
+    ``heatmap`` ``[N, size/8, size/8]`` (per-cell probability that a fracture
+    centre lies there) and ``body_part`` ``[N, 4]`` (independent sigmoids).
+    ``train_model`` outputs ``classifier`` (the pooled classifier alone),
+    ``heatmap`` and ``body_part``.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(cfg.size, cfg.size, cfg.channels), name="image")
+    c3, c4, c5 = _heatnet_features(inputs, cfg)
+    pooled = layers.GlobalAveragePooling2D(name="gap")(c5)
+    dropped = layers.Dropout(cfg.dropout, name="dropout")(pooled)
+    classifier = layers.Dense(1, activation="sigmoid", name="classifier")(dropped)
+    body_part = layers.Dense(len(BODY_PARTS), activation="sigmoid", name="body_part")(dropped)
+    lateral = 2 * cfg.width
+    p5 = layers.Conv2D(lateral, 1, name="fpn5")(c5)
+    p4 = layers.Add(name="fpn4_add")(
+        [layers.UpSampling2D(2, name="fpn5_up")(p5), layers.Conv2D(lateral, 1, name="fpn4")(c4)]
+    )
+    p3 = layers.Add(name="fpn3_add")(
+        [layers.UpSampling2D(2, name="fpn4_up")(p4), layers.Conv2D(lateral, 1, name="fpn3")(c3)]
+    )
+    h = layers.Conv2D(32, 3, padding="same", use_bias=False, name="head_conv")(p3)
+    h = layers.BatchNormalization(name="head_bn")(h)
+    h = layers.ReLU(name="head_relu")(h)
+    # Bias so that every cell starts near 1 % (focal-loss practice: no flood of confident negatives at start).
+    logits = layers.Conv2D(1, 1, name="heat_logits", bias_initializer=keras.initializers.Constant(-4.6))(h)
+    heat4 = layers.Activation("sigmoid", name="heat_sigmoid")(logits)
+    side = cfg.size // HEATMAP_STRIDE
+    heatmap = layers.Reshape((side, side), name="heatmap")(heat4)
+    peak = layers.GlobalMaxPooling2D(name="heat_peak")(heat4)
+    both = layers.Concatenate(name="scores")([classifier, peak])
+    fusion = layers.Dense(
+        1, use_bias=False, trainable=False, name="probability", kernel_initializer=keras.initializers.Constant(0.5)
+    )
+    probability = fusion(both)
+    full = keras.Model(
+        inputs, {"probability": probability, "heatmap": heatmap, "body_part": body_part}, name="fracture_heatnet"
+    )
+    train = keras.Model(
+        inputs, {"classifier": classifier, "heatmap": heatmap, "body_part": body_part}, name="train_heatnet"
+    )
+    LOGGER.info("built heatnet: %d parameters, heatmap %dx%d", full.count_params(), side, side)
+    return full, train
+
+
+def set_fusion(full_model, weight: float) -> None:  # type: ignore[no-untyped-def]
+    """Score = ``(1 - weight) * classifier + weight * heatmap peak`` (weight chosen on validation)."""
+    layer = full_model.get_layer("probability")
+    layer.set_weights([np.array([[1.0 - weight], [weight]], dtype=np.float32)])

@@ -42,6 +42,7 @@ from trainer.data import (
     write_split_csv,
 )
 from trainer.nets import NetConfig, build_models
+from trainer.splitting import read_fold_csv
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,6 +77,14 @@ class TrainConfig:
     include_truncated: bool = False
     augment: bool = True
     body_part_weight: float = 0.3
+    dropout: float = 0.3
+    weight_decay: float = 0.02
+    ema_momentum: float = 0.995
+    heatmap_weight: float = 0.25
+    grouped: bool = False
+    keep_test_from: Path | None = None
+    folds: int = 5
+    cv_fold: int = 0
     threads: int | None = None
     resume: bool = False
     verbose: int = 2
@@ -129,17 +138,65 @@ def prepare_splits(config: TrainConfig) -> dict[str, list[Record]]:
     if config.limit:
         records = _limit_records(records, config.limit, config.seed)
     split_path = Path(config.out) / "splits.csv"
-    if config.split_file is not None:
-        splits = read_split_csv(Path(config.split_file), records)
-    elif config.resume and split_path.is_file():
-        splits = read_split_csv(split_path, records)
+    source = Path(config.split_file) if config.split_file is not None else None
+    if source is None and config.resume and split_path.is_file():
+        source = split_path
+    if source is not None:
+        splits = read_split_csv(source, records)
+        fold_of, _ = read_fold_csv(source)
+        if fold_of and config.cv_fold != _val_fold(source, fold_of):
+            pool = [r for name in ("train", "val") for r in splits[name]]
+            splits["val"] = [r for r in pool if fold_of.get(r.image_id) == config.cv_fold]
+            splits["train"] = [r for r in pool if fold_of.get(r.image_id) != config.cv_fold]
+            LOGGER.info("cross-validation fold %d of %s as validation", config.cv_fold, source)
+        if source.resolve() != split_path.resolve():
+            shutil.copyfile(source, split_path)
+    elif config.grouped:
+        from trainer.duplicates import find_groups
+        from trainer.splitting import grouped_split, write_grouped_csv
+
+        keep_test = None
+        if config.keep_test_from is not None:
+            keep_test = [r.image_id for r in read_split_csv(Path(config.keep_test_from), records)["test"]]
+        grouped = grouped_split(
+            records,
+            find_groups(records),
+            seed=config.seed,
+            folds=config.folds,
+            val_fold=config.cv_fold,
+            keep_test=keep_test,
+        )
+        splits = grouped.splits
+        write_grouped_csv(split_path, grouped, config.seed)
+        (Path(config.out) / "duplicates.json").write_text(
+            json.dumps({"dropped_contradictory": grouped.dropped, "groups": _groups(grouped.group_of)}, indent=1)
+        )
     else:
         splits = stratified_split(records, seed=config.seed, by_region=not config.limit)
     check_splits(splits)
-    write_split_csv(split_path, splits, config.seed)
+    if source is None and not config.grouped:
+        write_split_csv(split_path, splits, config.seed)
     for name, recs in splits.items():
         LOGGER.info("split %-5s %5d images, %4d fractured", name, len(recs), sum(r.label for r in recs))
     return splits
+
+
+def _val_fold(path: Path, fold_of: dict[str, int]) -> int | None:
+    """The fold that a grouped split file uses as its validation split."""
+    import csv
+
+    with Path(path).open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] == "val" and row["image_id"] in fold_of:
+                return fold_of[row["image_id"]]
+    return None
+
+
+def _groups(group_of: dict[str, str]) -> dict[str, list[str]]:
+    members: dict[str, list[str]] = {}
+    for image_id, group in sorted(group_of.items()):
+        members.setdefault(group, []).append(image_id)
+    return {g: ids for g, ids in members.items() if len(ids) > 1}
 
 
 def _sample_weights(labels: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], dict[int, float]]:
@@ -227,6 +284,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     spec = config.preprocess_spec()
     splits = prepare_splits(config)
+    if config.arch == "heatnet":
+        return _train_heatnet(config, splits, spec, started)
     LOGGER.info("reading and preprocessing images at %d px", spec.size)
     train_set = load_tensors(splits["train"], spec)
     val_set = load_tensors(splits["val"], spec)
@@ -369,4 +428,37 @@ def train(config: TrainConfig) -> TrainResult:
         epochs_run=epochs_run,
         best_epoch=state_cb.best_epoch,
         best_val_auc=float(state_cb.best or float("nan")),
+    )
+
+
+def _train_heatnet(
+    config: TrainConfig, splits: dict[str, list[Record]], spec: PreprocessSpec, started: float
+) -> TrainResult:
+    from trainer.heatnet_train import train_heatnet
+
+    out = Path(config.out)
+    result = train_heatnet(config, splits, started)
+    _copy_licence(config)
+    record = {
+        "command": config.command,
+        "config": result.pop("config_dump"),
+        "preprocessing": spec.to_manifest(),
+        "body_parts": list(BODY_PARTS),
+        "split_file": "splits.csv",
+        "split_sizes": {k: len(v) for k, v in splits.items()},
+        "split_positives": {k: sum(r.label for r in v) for k, v in splits.items()},
+        **result,
+        **_attribution(config),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    LOGGER.info(
+        "saved %s after %d epoch(s) in %.0f s", out / "model.keras", result["epochs_run"], result["duration_seconds"]
+    )
+    return TrainResult(
+        out=out,
+        model_path=out / "model.keras",
+        duration_seconds=float(result["duration_seconds"]),
+        epochs_run=int(result["epochs_run"]),
+        best_epoch=int(result["best_epoch"]),
+        best_val_auc=float(result["best_val_auc"] or float("nan")),
     )

@@ -7,6 +7,7 @@ set -euo pipefail
 missing=()
 command -v storescu >/dev/null 2>&1 && [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -eq 0 ]; then

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from pacs_bridge.config import Settings, load_settings
 from pacs_bridge.errors import ConfigError
+from pacs_bridge.logsafe import install as install_log_hygiene
+from pacs_bridge.store.spool import private_umask
 
 if TYPE_CHECKING:
     from pacs_bridge.store.db import Database
@@ -53,6 +55,7 @@ def setup_logging(level: str) -> None:
     if level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    install_log_hygiene(level)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -67,6 +70,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("settle_seconds", "study", "settle_seconds"),
         ("model", "analysis", "model_dir"),
         ("log_level", "log", "level"),
+        ("roles", "queue", "roles"),
+        ("node_name", "queue", "node_name"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -129,6 +134,7 @@ def _check_analysis(settings: Settings) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
+    private_umask()
     from pacs_bridge.store.folders import check_data_dir
 
     check_data_dir(settings)
@@ -136,6 +142,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pacs_bridge.service import Service
 
     return Service(settings).run()
+
+
+def _roles(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    if getattr(args, "roles", None) is None:
+        args.roles = ["settle", "analyse", "publish", "send"]
+    return _cmd_serve(args)
+
+
+def _sqlite_tables(path: Path, hint: str) -> set[str]:
+    """The tables of the SQLite file ``path``, read through a read-only connection; ConfigError if it is missing."""
+    import sqlite3
+    from urllib.parse import quote
+
+    if not path.is_file():
+        raise ConfigError(f"no database at {path}: {hint}")
+    try:
+        connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+        try:
+            rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read the database at {path}: {exc}") from exc
+    return {str(row[0]) for row in rows}
 
 
 def _existing_database(settings: Settings) -> Database:
@@ -155,15 +189,17 @@ def _existing_database(settings: Settings) -> Database:
     shown = settings.storage.display_database_url()
     hint = "check --config, --data-dir or [storage] data_dir; pacs-bridge serve creates the database"
     path = sqlite_database_path(url)
-    if path is not None and not path.is_file():
-        raise ConfigError(f"no database at {path}: {hint}")
+    if path is not None:
+        # Looked at read-only first: opening a stray file would convert it to WAL.
+        tables = _sqlite_tables(path, hint)
     db = open_database(url, upgrade=False)
-    try:
-        tables = set(inspect(db.engine).get_table_names())
-    except SQLAlchemyError as exc:
-        db.dispose()
-        reason = getattr(exc, "orig", None) or exc
-        raise ConfigError(f"cannot open the database at {shown}: {reason}") from exc
+    if path is None:
+        try:
+            tables = set(inspect(db.engine).get_table_names())
+        except SQLAlchemyError as exc:
+            db.dispose()
+            reason = getattr(exc, "orig", None) or exc
+            raise ConfigError(f"cannot open the database at {shown}: {reason}") from exc
     if not {"alembic_version", "studies"} <= tables:
         db.dispose()
         raise ConfigError(f"no pacs-bridge database at {shown} (its tables are missing): {hint}")
@@ -173,7 +209,8 @@ def _existing_database(settings: Settings) -> Database:
 def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
     from sqlalchemy import select
 
-    from pacs_bridge.store.models import Delivery, DeliveryState, Instance, InstanceResult, OutputObject, Study
+    from pacs_bridge.pipeline.actions import study_deliveries, study_jobs
+    from pacs_bridge.store.models import Instance, InstanceResult, JobState, Study
 
     db = _existing_database(settings)
     rows: list[dict[str, Any]] = []
@@ -189,9 +226,8 @@ def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
                     .where(Instance.study_id == study.id)
                     .order_by(Instance.instance_number, Instance.id)
                 ).all()
-                deliveries = session.scalars(
-                    select(Delivery).join(OutputObject).where(OutputObject.study_id == study.id)
-                ).all()
+                deliveries = study_deliveries(session, study.id)
+                jobs = study_jobs(session, study.id)
                 rows.append(
                     {
                         "study_instance_uid": study.study_instance_uid,
@@ -219,16 +255,31 @@ def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
                                 "threshold": r.threshold,
                                 "body_part": r.body_part,
                                 "box": r.box,
+                                "boxes": r.boxes,
                                 "error": r.error,
                                 "model": {"name": r.model_name, "version": r.model_version},
                             }
                             for sop_uid, r in results
                         ],
                         "deliveries": {
-                            state.value: sum(1 for d in deliveries if d.state == state) for state in DeliveryState
+                            state: sum(1 for d in deliveries if d["state"] == state)
+                            for state in ("pending", "sent", "dead")
                         }
                         if deliveries
                         else {},
+                        "delivery_details": deliveries,
+                        "jobs": [
+                            {
+                                "id": job.id,
+                                "kind": job.kind.value,
+                                "state": job.state.value,
+                                "attempts": job.attempts,
+                                "destination": job.destination,
+                                "last_error": job.last_error,
+                            }
+                            for job in jobs
+                            if job.state != JobState.DONE or job.last_error
+                        ],
                     }
                 )
     finally:
@@ -236,10 +287,33 @@ def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _health_problems(settings: Settings) -> list[str]:
+    """Roles of running nodes that are dead or stalled, and dead-letter counts, for ``results``."""
+    from pacs_bridge.health import read_node_roles
+    from pacs_bridge.pipeline.actions import queue_stats
+
+    db = _existing_database(settings)
+    problems: list[str] = []
+    try:
+        for role in read_node_roles(db):
+            if not role["healthy"]:
+                detail = f": {role['error']}" if role["error"] else f" (last heartbeat {role['heartbeat_at']})"
+                problems.append(f"UNHEALTHY: {role['role']} stage on {role['node']} is {role['status']}{detail}")
+        with db.sessions() as session:
+            for kind, stats in queue_stats(session).items():
+                if stats["dead"]:
+                    problems.append(f"{stats['dead']} {kind} job(s) failed for good (dead letters)")
+    finally:
+        db.dispose()
+    return problems
+
+
 def _cmd_results(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging("WARNING")
     rows = _study_rows(settings, args.limit)
+    for problem in _health_problems(settings):
+        print(problem, file=sys.stderr)
     if args.json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
@@ -259,6 +333,45 @@ def _cmd_results(args: argparse.Namespace) -> int:
         dead = row["deliveries"].get("dead", 0)
         if dead:
             print(f"{'':<66}{dead} result objects undeliverable (dead letters): pacs-bridge resend")
+        for job in row["jobs"]:
+            if job["state"] in ("pending", "running", "dead") and job["last_error"]:
+                where = f" to {job['destination']}" if job["destination"] else ""
+                print(
+                    f"{'':<66}{job['kind']}{where}: {job['state']} after {job['attempts']} attempt(s): "
+                    f"{job['last_error']}"
+                )
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    from pacs_bridge.store.db import open_database
+    from pacs_bridge.store.folders import check_data_dir
+
+    if not settings.storage.database_url:
+        check_data_dir(settings)
+    db = open_database(settings.storage.resolved_database_url(), upgrade=True)
+    db.dispose()
+    print(f"database {settings.storage.display_database_url()} is at the newest schema")
+    return 0
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    from pacs_bridge.pipeline.retention import purge
+
+    db = _existing_database(settings)
+    try:
+        counts = purge(db, settings, older_than_days=args.older_than, dry_run=args.dry_run)
+    finally:
+        db.dispose()
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"{verb} {counts['studies']} studies, {counts['files']} files ({counts['bytes']} bytes) "
+        f"and {counts['jobs']} finished jobs older than {args.older_than:g} days"
+    )
     return 0
 
 
@@ -290,12 +403,13 @@ def _drop_none(value: Any) -> Any:
 def _cmd_reanalyse(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
-    from pacs_bridge.pipeline.jobs import request_reanalysis
+    from pacs_bridge.pipeline.actions import reanalyse
 
     db = _existing_database(settings)
-    with db.session() as session:
-        found = request_reanalysis(session, args.study_uid)
-    db.dispose()
+    try:
+        found = reanalyse(db, args.study_uid)
+    finally:
+        db.dispose()
     if not found:
         print(f"no study {args.study_uid}", file=sys.stderr)
         return 1
@@ -306,11 +420,11 @@ def _cmd_reanalyse(args: argparse.Namespace) -> int:
 def _cmd_resend(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
-    from pacs_bridge.send.outbox import resend_study
+    from pacs_bridge.pipeline.actions import resend
 
     db = _existing_database(settings)
     try:
-        count = resend_study(db, args.study_uid, destinations=[d.name for d in settings.destinations])
+        count = resend(db, settings, args.study_uid)
     except LookupError:
         print(f"no study {args.study_uid}", file=sys.stderr)
         return 1
@@ -378,7 +492,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--settle-seconds", type=float, help="override [study] settle_seconds")
     serve.add_argument("--model", type=Path, help="override [analysis] model_dir")
     serve.add_argument("--log-level", help="override [log] level")
+    serve.add_argument(
+        "--roles",
+        type=_roles,
+        help="comma-separated roles of this node: receive,settle,analyse,publish,send,web (default: all)",
+    )
+    serve.add_argument("--node-name", help="override [queue] node_name")
     serve.set_defaults(func=_cmd_serve)
+
+    worker = sub.add_parser(
+        "worker", help="run the pipeline stages only (settle, analyse, publish, send) against a shared database"
+    )
+    _add_common(worker)
+    worker.add_argument("--model", type=Path, help="override [analysis] model_dir")
+    worker.add_argument("--log-level", help="override [log] level")
+    worker.add_argument("--roles", type=_roles, help="default: settle,analyse,publish,send")
+    worker.add_argument("--node-name", help="override [queue] node_name")
+    worker.set_defaults(func=_cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the database schema (once, before split nodes start)")
+    _add_common(migrate)
+    migrate.set_defaults(func=_cmd_migrate)
+
+    purge = sub.add_parser("purge", help="delete studies, their files and finished jobs older than a retention period")
+    _add_common(purge)
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="retention in days")
+    purge.add_argument("--dry-run", action="store_true", help="only count what would be removed")
+    purge.set_defaults(func=_cmd_purge)
 
     results = sub.add_parser("results", help="list studies, newest first, with state and findings")
     _add_common(results)

@@ -29,6 +29,8 @@ __all__ = [
     "DestinationType",
     "DicomSettings",
     "LogSettings",
+    "QueueSettings",
+    "ROLES",
     "ReportSettings",
     "SendSettings",
     "Settings",
@@ -36,6 +38,7 @@ __all__ = [
     "StudySettings",
     "WatchSettings",
     "WebSettings",
+    "WebUser",
     "deep_merge",
     "default_object_kinds",
     "load_settings",
@@ -69,10 +72,30 @@ class DicomSettings(_Section):
     )
     require_called_aet: bool = Field(True, description="Refuse associations whose called AE title is not ae_title.")
     max_associations: int = Field(16, ge=1, le=1000, description="Concurrent associations accepted.")
-    max_pdu_size: int = Field(0, ge=0, description="Maximum PDU size we receive, bytes; 0 = unlimited.")
-    max_instance_mb: float = Field(1024, gt=0, description="Largest instance accepted, MiB; larger ones are refused.")
-    network_timeout: float = Field(60, gt=0, description="Seconds of silence before an association is aborted.")
-    acse_timeout: float = Field(30, gt=0, description="Seconds to wait for association messages.")
+    max_associations_per_host: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="Connections one peer address may hold at once; more are closed at once (floods, slow clients).",
+    )
+    max_pdu_size: int = Field(
+        4 * 1024 * 1024,
+        ge=4096,
+        le=64 * 1024 * 1024,
+        description="Maximum PDU length we announce and accept, bytes (PS3.8 D.1); a longer PDU is aborted.",
+    )
+    max_instance_mb: float = Field(
+        1024, gt=0, description="Largest instance accepted, MiB; refused (0xA700) as soon as it grows past this."
+    )
+    network_timeout: float = Field(
+        60, gt=0, description="Seconds of silence before an association is aborted; also the longest one PDU may take."
+    )
+    acse_timeout: float = Field(
+        30,
+        gt=0,
+        description="Seconds to wait for association messages; a new connection must finish its TLS handshake "
+        "and association request within it.",
+    )
     dimse_timeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
     tls_cert: Path | None = Field(None, description="PEM server certificate; enables DICOM TLS (PS3.15 B.1).")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
@@ -363,14 +386,101 @@ def routes(destination: DestinationSettings, calling_aet: str | None) -> bool:
     return True
 
 
-class WebSettings(_Section):
-    """``[web]``: the web console and HTTP API (keys reserved; this release serves no console yet)."""
+ROLES = ("receive", "settle", "analyse", "publish", "send", "web")
+"""The roles of a node; ``serve`` runs all of them unless ``[queue] roles`` names some."""
 
-    enabled: bool = Field(True, description="Serve the web console.")
-    host: str = Field("127.0.0.1", description="Address of the console.")
+
+class QueueSettings(_Section):
+    """``[queue]``: the job queue shared by every stage, and this node's part in it."""
+
+    node_name: str = Field(
+        "", max_length=100, description="This node's name in job leases and heartbeats; empty = the host name."
+    )
+    roles: list[str] = Field(
+        default_factory=lambda: list(ROLES),
+        description="Roles this process runs: receive, settle, analyse, publish, send, web (default: all).",
+    )
+    lease_seconds: float = Field(
+        60, ge=1, le=3600, description="A claimed job is another node's to take if not renewed within this time."
+    )
+    poll_seconds: float = Field(0.5, gt=0, le=60, description="How often an idle stage looks for due jobs.")
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, values: list[str]) -> list[str]:
+        out: list[str] = []
+        for value in values:
+            role = value.strip().lower()
+            if role not in ROLES:
+                raise ValueError(f"unknown role {value!r}; roles are {', '.join(ROLES)}")
+            if role not in out:
+                out.append(role)
+        if not out:
+            raise ValueError("at least one role is needed")
+        return out
+
+
+class WebUser(_Section):
+    """One console user: a name and the argon2 hash of the password (``pacs-bridge web-hash-password``)."""
+
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$", description="Login name.")
+    password_hash: str = Field(
+        ..., min_length=20, description="argon2 hash of the password, as printed by `pacs-bridge web-hash-password`."
+    )
+
+    @field_validator("password_hash")
+    @classmethod
+    def _argon2(cls, value: str) -> str:
+        if not value.startswith("$argon2"):
+            raise ValueError("must be an argon2 hash ($argon2id$...): run `pacs-bridge web-hash-password`")
+        return value
+
+
+class WebSettings(_Section):
+    """``[web]``: the web console and HTTP API (``pacs-bridge serve``; docs/console.md)."""
+
+    enabled: bool = Field(True, description="Serve the web console and HTTP API.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address of the console. Any address other than loopback needs users (or api_tokens) and "
+        "tls_cert/tls_key, or behind_tls_proxy = true.",
+    )
     port: int = Field(8080, ge=1, le=65535, description="Port of the console.")
-    username: str = Field("admin", description="Console user (HTTP basic authentication).")
-    password: str = Field("", description="Console password; empty = generated at start and logged once.")
+    users: list[WebUser] = Field(
+        default_factory=list,
+        description='Console users, [[web.users]] with name and password_hash; none = a one-time "admin" '
+        "password is printed on stderr at each start (loopback only).",
+    )
+    api_tokens: list[str] = Field(
+        default_factory=list,
+        description="sha256 hashes (sha256:<hex>) of API tokens for scripts (Authorization: Bearer <token>); "
+        "`pacs-bridge web-hash-password --new-token` makes one.",
+    )
+    session_minutes: float = Field(
+        60, gt=0, le=7 * 24 * 60, description="A console login expires after this many minutes."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate: the console is served over HTTPS.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    behind_tls_proxy: bool = Field(
+        False, description="A TLS reverse proxy is in front of the console (cookies are then marked Secure)."
+    )
+    max_upload_mb: float = Field(
+        256, gt=0, le=4096, description="Largest upload or STOW-RS request accepted by the console, MiB."
+    )
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _token_hashes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", value.strip()):
+                raise ValueError("an API token is given as its hash, sha256:<64 hex digits>")
+        return [value.strip() for value in values]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WebSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
 
 class LogSettings(_Section):
@@ -398,6 +508,7 @@ class Settings(_Section):
     report: ReportSettings = Field(default_factory=ReportSettings)  # type: ignore[arg-type]
     send: SendSettings = Field(default_factory=SendSettings)  # type: ignore[arg-type]
     destinations: list[DestinationSettings] = Field(default_factory=list)
+    queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
     web: WebSettings = Field(default_factory=WebSettings)  # type: ignore[arg-type]
     log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
 

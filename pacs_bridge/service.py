@@ -1,10 +1,18 @@
-"""``pacs-bridge serve``: every long-running part, started and stopped in order.
+"""``pacs-bridge serve``: every long-running part of a node, started and stopped in order.
 
-Start: database (migrations), spool (partial files removed, orphans indexed),
-model, analysis worker, outbox, DICOM listener, folder watcher. Stop on
+A node runs some or all of the roles (``[queue] roles``, ``serve --roles``):
+
+- ``receive``: the DICOM listener and the folder watcher (spool + index);
+- ``settle``, ``analyse``, ``publish``, ``send``: one stage of the pipeline
+  each, taking its jobs from the shared queue (:mod:`pacs_bridge.pipeline.queue`);
+- ``web``: the console and HTTP API.
+
+Start: database (migrations when this node runs every role; a split node
+requires ``pacs-bridge migrate`` first), spool (this node's partial files
+removed, orphans indexed), model, stages, listener, watcher, console. Stop on
 SIGTERM or SIGINT in the reverse order: no new associations, stores in flight
-finished, the study in hand finished, then exit 0. Work left queued resumes at
-the next start.
+finished, jobs in hand finished, then exit 0. Work left queued resumes at the
+next start, on this node or another.
 """
 
 from __future__ import annotations
@@ -15,18 +23,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pacs_bridge.config import Settings
+from pacs_bridge.config import ROLES, Settings
 from pacs_bridge.errors import ConfigError
-from pacs_bridge.receive.handlers import AssociationPolicy, Handlers
-from pacs_bridge.receive.ingest import Ingestor
-from pacs_bridge.receive.scp import DicomListener
-from pacs_bridge.receive.watcher import FolderWatcher
+from pacs_bridge.health import Health
+from pacs_bridge.pipeline.runner import StageRunner
 from pacs_bridge.store.db import Database, open_database
-from pacs_bridge.store.spool import Spool
+from pacs_bridge.store.folders import check_data_dir
 
 __all__ = ["Service", "load_analyser"]
 
 LOGGER = logging.getLogger(__name__)
+
+_HEARTBEAT_SECONDS = 5.0
 
 
 def load_analyser(settings: Settings) -> Any | None:
@@ -38,15 +46,11 @@ def load_analyser(settings: Settings) -> Any | None:
     from pacs_bridge.inference.model import default_model_dir, load_model
 
     folder = settings.analysis.model_dir or default_model_dir()
-    try:
-        model = load_model(
-            folder,
-            providers=settings.analysis.providers,
-            intra_op_threads=settings.analysis.intra_op_threads,
-        )
-    except Exception as exc:
-        LOGGER.error("no model loaded from %s: %s; studies stay queued until a model is configured", folder, exc)
-        return None
+    model = load_model(
+        folder,
+        providers=settings.analysis.providers,
+        intra_op_threads=settings.analysis.intra_op_threads,
+    )
     return Analyser(
         model,
         batch_size=settings.analysis.batch_size,
@@ -55,70 +59,123 @@ def load_analyser(settings: Settings) -> Any | None:
     )
 
 
-def _publisher(settings: Settings) -> Any | None:
-    if not (settings.report.structured_report or settings.report.annotated_image):
-        return None
-    try:
-        from pacs_bridge.report.publish import publish_study
-    except ImportError as exc:
-        LOGGER.warning("result objects not available: %s", exc)
-        return None
-    return publish_study
-
-
 class Service:
-    """The running service; ``run()`` blocks until a stop signal."""
+    """The running node; ``run()`` blocks until a stop signal."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.roles = tuple(r for r in ROLES if r in settings.queue.roles)
         self.stop_event = threading.Event()
+        self.health = Health(settings.queue.node_name or None)
         self.db: Database | None = None
-        self.listener: DicomListener | None = None
-        self.watcher: FolderWatcher | None = None
-        self.worker: Any = None
-        self.outbox: Any = None
+        self.ingestor: Any = None
+        self.analyser: Any = None
+        self.listener: Any = None
+        self.watcher: Any = None
+        self.web: Any = None
+        self.runners: dict[str, StageRunner] = {}
+        self._heartbeat: threading.Thread | None = None
+
+    @property
+    def node(self) -> str:
+        """This process's name in leases and heartbeats (``host:pid``)."""
+        return self.health.node
 
     def start(self) -> None:
-        """Start every part; raises ConfigError on a setting that cannot work."""
+        """Start every role of this node; raises ConfigError on a setting that cannot work."""
         settings = self.settings
+        check_data_dir(settings)
         data_dir = settings.storage.data_dir
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"[storage] data_dir {data_dir} cannot be created: {exc}") from exc
-        LOGGER.info("pacs-bridge starting; data folder %s", data_dir.resolve())
-        self.db = open_database(settings.storage.resolved_database_url())
-        spool = Spool(data_dir, min_free_mb=settings.storage.min_free_mb, fsync=settings.storage.fsync)
+        LOGGER.info(
+            "pacs-bridge starting on %s; roles %s; data folder %s", self.node, ",".join(self.roles), data_dir.resolve()
+        )
+        every_role = set(self.roles) == set(ROLES)
+        self.db = open_database(settings.storage.resolved_database_url(), upgrade=every_role)
+        if not every_role:
+            self.db.require_current()
+        from pacs_bridge.health import forget_dead_nodes
+
+        forget_dead_nodes(self.db)
+
+        if "receive" in self.roles:
+            self._start_ingest()
+        self._start_stages()
+        if "receive" in self.roles:
+            self._start_listeners()
+        if "web" in self.roles and settings.web.enabled:
+            self._start_web()
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+        LOGGER.info("pacs-bridge ready")
+
+    def _start_ingest(self) -> None:
+        from pacs_bridge.receive.ingest import Ingestor
+        from pacs_bridge.store.spool import Spool
+
+        assert self.db is not None
+        settings = self.settings
+        spool = Spool(settings.storage.data_dir, min_free_mb=settings.storage.min_free_mb, fsync=settings.storage.fsync)
         removed = spool.clean_tmp()
         if removed:
             LOGGER.info("removed %d partial files left by an interrupted store", removed)
-        ingestor = Ingestor(spool, self.db, max_instance_bytes=int(settings.dicom.max_instance_mb * 1024 * 1024))
-        recovered = ingestor.reconcile()
+        self.ingestor = Ingestor(spool, self.db, max_instance_bytes=int(settings.dicom.max_instance_mb * 1024 * 1024))
+        recovered = self.ingestor.reconcile()
         if recovered:
             LOGGER.warning("indexed %d spool files that had no database row", recovered)
 
-        from pacs_bridge.pipeline.worker import Worker
+    def _start_stages(self) -> None:
+        from pacs_bridge.pipeline.analysis import AnalyseStage
+        from pacs_bridge.pipeline.publishing import PublishStage
+        from pacs_bridge.pipeline.settle import SettleStage
+        from pacs_bridge.send.deliver import DeliverStage
 
-        if settings.destinations:
+        assert self.db is not None
+        settings = self.settings
+        stages: list[Any] = []
+        if "settle" in self.roles:
+            stages.append(SettleStage(settings.study, self.db))
+        if "analyse" in self.roles:
             try:
-                from pacs_bridge.send.outbox import Outbox
-            except ImportError as exc:
-                LOGGER.warning("result delivery not available: %s", exc)
-            else:
-                self.outbox = Outbox(self.db, settings)
-                self.outbox.start()
-        self.worker = Worker(
-            settings,
-            self.db,
-            load_analyser(settings),
-            _publisher(settings),
-            on_published=self.outbox.wake if self.outbox is not None else None,
-        )
-        self.worker.start()
+                self.analyser = load_analyser(settings)
+            except Exception as exc:
+                self.health.register("analyse")
+                self.health.dead(
+                    "analyse",
+                    f"no model loaded from {settings.analysis.model_dir or 'the bundled model folder'}: {exc}; "
+                    "studies stay queued until a model is configured",
+                )
+            if self.analyser is not None:
+                stages.append(AnalyseStage(settings, self.db, self.analyser))
+        if "publish" in self.roles:
+            stages.append(PublishStage(settings, self.db))
+        if "send" in self.roles:
+            stages.append(DeliverStage(settings, self.db))
+        for stage in stages:
+            runner = StageRunner(
+                stage,
+                self.db,
+                self.health,
+                owner=self.node,
+                lease_seconds=settings.queue.lease_seconds,
+                poll_seconds=settings.queue.poll_seconds,
+            )
+            self.runners[stage.role] = runner
+            runner.start()
+        if "send" in self.roles and not settings.destinations:
+            LOGGER.warning(
+                "no [[destinations]] configured: result objects stay in %s", settings.storage.data_dir / "outputs"
+            )
 
+    def _start_listeners(self) -> None:
+        from pacs_bridge.receive.handlers import AssociationPolicy, Handlers
+        from pacs_bridge.receive.scp import DicomListener
+        from pacs_bridge.receive.watcher import FolderWatcher
+
+        settings = self.settings
+        self.health.register("receive")
         if not settings.dicom.allowed_calling_aets:
             LOGGER.warning("[dicom] allowed_calling_aets is empty: any calling AE title may store here")
-        handlers = Handlers(ingestor, AssociationPolicy(tuple(settings.dicom.allowed_calling_aets)), self._stored)
+        handlers = Handlers(self.ingestor, AssociationPolicy(tuple(settings.dicom.allowed_calling_aets)), self._stored)
         self.listener = DicomListener(settings.dicom, handlers)
         try:
             self.listener.start()
@@ -129,31 +186,61 @@ class Service:
         if settings.watch.enabled:
             self.watcher = FolderWatcher(
                 Path(settings.inbox),
-                data_dir / "failed",
-                ingestor,
+                settings.storage.data_dir / "failed",
+                self.ingestor,
                 stable_seconds=settings.watch.stable_seconds,
                 poll_seconds=settings.watch.poll_seconds,
                 on_stored=self._stored,
             )
             self.watcher.start()
-        LOGGER.info("pacs-bridge ready")
+
+    def _start_web(self) -> None:
+        try:
+            from pacs_bridge.web.server import WebServer
+        except ImportError as exc:
+            LOGGER.warning("web console not available: %s", exc)
+            return
+        assert self.db is not None
+        self.health.register("web")
+        self.web = WebServer(self.settings, self.db, self.health, self.ingestor, lambda: self.analyser)
+        self.web.start()
 
     def _stored(self, _study_uid: str) -> None:
-        # The worker polls; nothing to do per instance. Kept as the seam for notifications.
-        return None
+        runner = self.runners.get("settle")
+        if runner is not None:
+            runner.wake()
+
+    def _beat(self) -> None:
+        assert self.db is not None
+        while not self.stop_event.wait(_HEARTBEAT_SECONDS):
+            if "receive" in self.roles and self.listener is not None:
+                self.health.beat("receive")
+            if self.web is not None:
+                self.health.beat("web")
+            try:
+                self.health.flush(self.db)
+            except Exception as exc:
+                LOGGER.warning("could not record this node's heartbeat: %s", exc)
 
     def stop(self) -> None:
         """Stop in reverse order of start."""
         LOGGER.info("pacs-bridge stopping")
+        self.stop_event.set()
+        if self.web is not None:
+            self.web.stop()
         if self.listener is not None:
             self.listener.stop()
         if self.watcher is not None:
             self.watcher.stop()
-        if self.worker is not None:
-            self.worker.stop()
-        if self.outbox is not None:
-            self.outbox.stop()
+        for runner in reversed(list(self.runners.values())):
+            runner.stop()
+        for role in self.roles:
+            self.health.stopped(role)
         if self.db is not None:
+            try:
+                self.health.flush(self.db)
+            except Exception as exc:
+                LOGGER.warning("could not record this node's stop: %s", exc)
             self.db.dispose()
         LOGGER.info("pacs-bridge stopped")
 

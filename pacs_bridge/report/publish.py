@@ -27,6 +27,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from pacs_bridge.config import Settings
 from pacs_bridge.report.capture import build_capture
@@ -34,9 +35,18 @@ from pacs_bridge.report.findings import FindingInput, ModelInfo
 from pacs_bridge.report.sr import build_sr
 from pacs_bridge.report.uids import is_valid_uid
 from pacs_bridge.store.db import Database
-from pacs_bridge.store.models import Delivery, Instance, InstanceResult, OutputObject, Study, utcnow
+from pacs_bridge.store.layout import relative_to_data
+from pacs_bridge.store.models import Instance, InstanceResult, OutputObject, Study, utcnow
 
-__all__ = ["KIND_CAPTURE", "KIND_SR", "output_path", "publish_study", "write_dataset"]
+__all__ = [
+    "KIND_CAPTURE",
+    "KIND_SR",
+    "Written",
+    "output_path",
+    "publish_study",
+    "record_outputs",
+    "write_dataset",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -147,41 +157,55 @@ def _read_results(db: Database, study_id: int) -> tuple[str, ModelInfo | None, l
         return study.study_instance_uid, model, analysed
 
 
-def _record(
-    db: Database,
-    study_id: int,
-    written: list[tuple[str, Dataset, Path]],
-    destinations: list[str],
-) -> list[int]:
-    """Upsert the ``OutputObject`` rows and (re)queue their deliveries; returns the output ids."""
+@dataclass(frozen=True)
+class Written:
+    """One result object written to the outputs folder, not yet recorded."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: Path
+
+    @classmethod
+    def of(cls, kind: str, dataset: Dataset, path: Path) -> Written:
+        """The record of a DICOM object written at ``path``."""
+        return cls(
+            kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), str(dataset.SeriesInstanceUID), path
+        )
+
+
+def record_outputs(session: Session, study_id: int, written: list[Written], data_dir: Path) -> list[OutputObject]:
+    """Upsert the ``OutputObject`` rows of ``written`` in the caller's transaction; returns the rows.
+
+    Paths are stored relative to ``data_dir`` so that nodes sharing the data
+    folder may mount it in different places.
+    """
     now = utcnow()
-    ids: list[int] = []
-    with db.session() as session:
-        for kind, dataset, path in written:
-            sop_uid = str(dataset.SOPInstanceUID)
-            output = session.scalars(select(OutputObject).where(OutputObject.sop_instance_uid == sop_uid)).first()
-            if output is None:
-                output = OutputObject(study_id=study_id, sop_instance_uid=sop_uid)
-                session.add(output)
-            output.kind = kind
-            output.sop_class_uid = str(dataset.SOPClassUID)
-            output.series_instance_uid = str(dataset.SeriesInstanceUID)
-            output.file_path = str(path)
-            output.created_at = now
-            session.flush()
-            existing = {d.destination: d for d in output.deliveries}
-            for name in destinations:
-                delivery = existing.get(name)
-                if delivery is None:
-                    delivery = Delivery(output_id=output.id, destination=name)
-                    session.add(delivery)
-                delivery.reset(now)
-            ids.append(output.id)
-    return ids
+    rows: list[OutputObject] = []
+    for item in written:
+        output = session.scalars(
+            select(OutputObject).where(OutputObject.sop_instance_uid == item.sop_instance_uid)
+        ).first()
+        if output is None:
+            output = OutputObject(study_id=study_id, sop_instance_uid=item.sop_instance_uid)
+            session.add(output)
+        output.kind = item.kind
+        output.sop_class_uid = item.sop_class_uid
+        output.series_instance_uid = item.series_instance_uid
+        output.file_path = relative_to_data(item.path, data_dir)
+        output.created_at = now
+        output.superseded = False
+        rows.append(output)
+    session.flush()
+    return rows
 
 
-def publish_study(db: Database, study_id: int, settings: Settings) -> list[int]:
-    """Build, write and queue the result objects of study ``study_id``; returns the ``OutputObject`` ids.
+def publish_study(db: Database, study_id: int, settings: Settings) -> list[Written]:
+    """Build and write the result objects of study ``study_id``; returns what was written.
+
+    The caller (the publish stage) records them with :func:`record_outputs`
+    and queues their deliveries in the transaction that completes its job.
 
     Uses each instance's newest result by the model of the study's newest
     result; failed analyses (``ok`` false) are left out. An image whose
@@ -196,7 +220,7 @@ def publish_study(db: Database, study_id: int, settings: Settings) -> list[int]:
     if not is_valid_uid(study_uid):
         raise ValueError(f"study {study_id}: Study Instance UID {study_uid!r} is not valid")
     data_dir = settings.storage.data_dir
-    written: list[tuple[str, Dataset, Path]] = []
+    written: list[Written] = []
 
     if report.structured_report:
         headers: list[Dataset] = []
@@ -212,7 +236,7 @@ def publish_study(db: Database, study_id: int, settings: Settings) -> list[int]:
             sr = build_sr(headers, findings, model, report)
             path = output_path(data_dir, study_uid, str(sr.SOPInstanceUID))
             write_dataset(sr, path, fsync=settings.storage.fsync)
-            written.append((KIND_SR, sr, path))
+            written.append(Written.of(KIND_SR, sr, path))
 
     if report.annotated_image:
         for item in analysed:
@@ -236,17 +260,7 @@ def publish_study(db: Database, study_id: int, settings: Settings) -> list[int]:
                 continue
             path = output_path(data_dir, study_uid, str(capture.SOPInstanceUID))
             write_dataset(capture, path, fsync=settings.storage.fsync)
-            written.append((KIND_CAPTURE, capture, path))
+            written.append(Written.of(KIND_CAPTURE, capture, path))
 
-    destinations = [d.name for d in settings.destinations]
-    ids = _record(db, study_id, written, destinations)
-    LOGGER.info(
-        "study %s: published %d object(s) by %s for %d destination(s)",
-        study_uid,
-        len(ids),
-        model.label,
-        len(destinations),
-    )
-    if not destinations:
-        LOGGER.warning("study %s: no [[destinations]] configured; results stay in %s", study_uid, data_dir / "outputs")
-    return ids
+    LOGGER.info("study %s: built %d result object(s) by %s", study_uid, len(written), model.label)
+    return written

@@ -9,6 +9,7 @@ created and upgraded by the Alembic migrations in ``store/migrations``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,9 +67,48 @@ class Database:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
+    def require_current(self) -> None:
+        """Raise ConfigError unless the schema is at the newest revision (``pacs-bridge migrate``)."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+        from alembic.config import Config
+
+        from pacs_bridge.errors import ConfigError
+
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        head = ScriptDirectory.from_config(config).get_current_head()
+        with self.engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+        if current != head:
+            raise ConfigError(
+                f"the database schema is at {current or 'nothing'}, this version needs {head}: "
+                "run `pacs-bridge migrate` once (with every node stopped), then start the nodes"
+            )
+
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+def _create_private_sqlite_file(path: Path) -> None:
+    """Create the SQLite file 0600 in a 0700 folder before SQLite does (it holds patient names and IDs).
+
+    SQLite gives its -wal and -shm files the permissions of the database file,
+    so they are private too. Existing files with wider permissions are tightened.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    os.close(fd)
+    for item in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if item.stat().st_mode & 0o077:
+                item.chmod(0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            LOGGER.warning("cannot make %s private: %s", item, exc.strerror or exc)
 
 
 def open_database(url: str, *, upgrade: bool = True) -> Database:
@@ -77,7 +117,7 @@ def open_database(url: str, *, upgrade: bool = True) -> Database:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _create_private_sqlite_file(Path(path.split("?", 1)[0]))
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
         kwargs["pool_pre_ping"] = True

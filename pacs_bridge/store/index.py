@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from pacs_bridge.store.models import Instance, InstanceState, Series, Study, StudyState, utcnow
+from pacs_bridge.store.models import Instance, InstanceState, Job, JobKind, JobState, Series, Study, StudyState, utcnow
 
 __all__ = ["FastIndex", "InstanceRecord", "find_instance"]
 
@@ -64,6 +65,24 @@ def _select_or_insert(conn: Connection, table: Any, where: Any, values: dict[str
     if found is not None:
         return int(found)
     return int(conn.execute(insert(table).values(**values).returning(table.id)).scalar_one())
+
+
+def _queue_settle(conn: Connection, study_id: int, now: datetime) -> None:
+    """Make sure a settle job is pending for the study (PS3.4 has no "study complete" for C-STORE)."""
+    values: dict[str, Any] = {
+        "kind": JobKind.SETTLE,
+        "state": JobState.PENDING,
+        "dedup_key": f"settle:{study_id}",
+        "study_id": study_id,
+        "not_before": now,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if conn.dialect.name == "postgresql":
+        conn.execute(postgresql.insert(Job).values(**values).on_conflict_do_nothing())
+    else:
+        conn.execute(sqlite.insert(Job).values(**values).on_conflict_do_nothing())
 
 
 class FastIndex:
@@ -152,6 +171,8 @@ class FastIndex:
                 ),
             )
             self._series[record.series_instance_uid] = series_id
+        # The study's settle job (one pending per study): it runs once the study is quiet.
+        _queue_settle(conn, study_id, now)
         conn.execute(
             insert(Instance).values(
                 sop_instance_uid=record.sop_instance_uid,

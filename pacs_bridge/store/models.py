@@ -1,14 +1,18 @@
-"""Database tables: studies, series, instances, analysis results and the outbox.
+"""Database tables: studies, series, instances, analysis results, output objects and jobs.
 
-SQLAlchemy 2 declarative models. Every stage of the pipeline takes its work
-from these tables and records its outcome here, so a restart resumes where it
-stopped. Keys are DICOM UIDs (PS3.5 §9), validated before they reach a path.
+SQLAlchemy 2 declarative models. Every stage of the pipeline is a ``Job``
+(settle, analyse, publish, deliver) taken from the ``jobs`` table under a
+lease and completed in the same transaction that records its outcome and
+creates the next stage's job, so a crash at any point loses nothing and a
+restart (or another node) resumes where it stopped. Keys are DICOM UIDs
+(PS3.5 §9), validated before they reach a path.
 """
 
 from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -23,16 +27,20 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "Base",
-    "Delivery",
     "DeliveryState",
     "Instance",
     "InstanceResult",
     "InstanceState",
+    "Job",
+    "JobKind",
+    "JobState",
+    "NodeRole",
     "OutputObject",
     "Series",
     "Study",
@@ -68,10 +76,28 @@ class InstanceState(enum.StrEnum):
 
 
 class DeliveryState(enum.StrEnum):
-    """Where one output object stands with one destination."""
+    """Where one output object stands with one destination, as users see it (from its deliver job)."""
 
     PENDING = "pending"
     SENT = "sent"
+    DEAD = "dead"
+
+
+class JobKind(enum.StrEnum):
+    """The stages of the pipeline; each piece of work is one job of one kind."""
+
+    SETTLE = "settle"
+    ANALYSE = "analyse"
+    PUBLISH = "publish"
+    DELIVER = "deliver"
+
+
+class JobState(enum.StrEnum):
+    """Where a job is: waiting (``pending``), leased by a worker (``running``), or ended."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
     DEAD = "dead"
 
 
@@ -106,11 +132,8 @@ class Study(Base):
     settled_at: Mapped[datetime | None] = mapped_column()
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    # Analysis bookkeeping (the job queue lives in these columns).
+    # How many times the study was analysed (a re-analysis or a late instance adds one).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column()
-    claimed_by: Mapped[str | None] = mapped_column(String(64))
-    claimed_at: Mapped[datetime | None] = mapped_column()
     analysed_at: Mapped[datetime | None] = mapped_column()
     model_name: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(64))
@@ -185,6 +208,7 @@ class InstanceResult(Base):
     threshold: Mapped[float | None] = mapped_column(Float)
     body_part: Mapped[str | None] = mapped_column(String(32))
     box: Mapped[list[int] | None] = mapped_column(JSON)
+    boxes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     peak: Mapped[list[int] | None] = mapped_column(JSON)
     heatmap_path: Mapped[str | None] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(String(64))
@@ -197,7 +221,7 @@ class InstanceResult(Base):
 
 
 class OutputObject(Base):
-    """A DICOM object produced for a study (SR or annotated image), kept until delivered."""
+    """A result object produced for a study (SR, capture, GSPS, summary, RIS result), kept until delivered."""
 
     __tablename__ = "output_objects"
 
@@ -209,40 +233,77 @@ class OutputObject(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     file_path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # True once a newer revision of the same kind replaced it for this study.
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False)
 
-    deliveries: Mapped[list[Delivery]] = relationship(back_populates="output", cascade="all, delete-orphan")
+    jobs: Mapped[list[Job]] = relationship(back_populates="output", cascade="all, delete-orphan")
 
 
-class Delivery(Base):
-    """One output object to one destination: the outbox, with retries and dead letters."""
+class Job(Base):
+    """One piece of work of one stage, for one subject: the one queue of every stage.
 
-    __tablename__ = "deliveries"
+    Subjects: a study (settle, analyse, publish) or an output object and a
+    destination (deliver). A worker claims a due job by setting a lease
+    (``lease_owner``, ``lease_expires``) and renews it while it works; a job
+    whose lease expired (its worker died) may be claimed again. At most one
+    pending job exists per ``dedup_key`` (the subject), and a job is not
+    claimed while another job of the same subject runs under a live lease.
+    """
+
+    __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    output_id: Mapped[int] = mapped_column(ForeignKey("output_objects.id", ondelete="CASCADE"))
-    destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[DeliveryState] = mapped_column(
-        Enum(DeliveryState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
-        default=DeliveryState.PENDING,
+    kind: Mapped[JobKind] = mapped_column(
+        Enum(JobKind, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
     )
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=JobState.PENDING,
+    )
+    dedup_key: Mapped[str] = mapped_column(String(200))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    output_id: Mapped[int | None] = mapped_column(ForeignKey("output_objects.id", ondelete="CASCADE"))
+    destination: Mapped[str | None] = mapped_column(String(64))
+    not_before: Mapped[datetime] = mapped_column(default=utcnow)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
-    first_attempt_at: Mapped[datetime | None] = mapped_column()
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires: Mapped[datetime | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(Text)
-    sent_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    first_attempt_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
 
-    output: Mapped[OutputObject] = relationship(back_populates="deliveries")
-
-    def reset(self, now: datetime) -> None:
-        """Queue this delivery again from scratch (new object, resend, dead letter revived)."""
-        self.state = DeliveryState.PENDING
-        self.attempts = 0
-        self.next_attempt_at = now
-        self.first_attempt_at = None
-        self.last_error = None
-        self.sent_at = None
+    output: Mapped[OutputObject | None] = relationship(back_populates="jobs")
 
     __table_args__ = (
-        UniqueConstraint("output_id", "destination", name="uq_delivery"),
-        Index("ix_deliveries_due", "state", "next_attempt_at"),
+        Index("ix_jobs_due", "state", "kind", "not_before"),
+        Index("ix_jobs_study", "study_id"),
+        Index("ix_jobs_output", "output_id"),
+        Index(
+            "uq_jobs_pending",
+            "dedup_key",
+            unique=True,
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
     )
+
+
+class NodeRole(Base):
+    """A role (receive, settle, analyse, publish, send, web) running on a node, with its heartbeat.
+
+    Written by the running service every few seconds, read by ``pacs-bridge
+    results`` and the health check: a role whose heartbeat stopped, or that
+    recorded an error, makes the service visibly unhealthy.
+    """
+
+    __tablename__ = "node_roles"
+
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    error: Mapped[str | None] = mapped_column(Text)

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     DigitalXRayImageStorageForPresentation,
     SecondaryCaptureImageStorage,
 )
 
+from tests.support.broken_images import decoder_panic_rle
 from tests.support.dicom_files import make_radiograph
 from tests.support.paths import FRACATLAS
 from tests.support.serve import ServeProcess
@@ -28,6 +29,7 @@ SC = "1.2.840.10008.5.1.4.1.1.7"
 def _store(port: int, datasets: list[Dataset]) -> list[int]:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, RLELossless)
     ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
     assert assoc.is_established
@@ -55,8 +57,12 @@ def test_study_is_analysed_and_a_broken_image_fails_alone(server: ServeProcess) 
             FRACATLAS / "images/Non_fractured/IMG0000001.jpg", study_uid, series_uid=series_uid, instance_number=2
         ),
     ]
-    broken = make_radiograph(np.zeros((64, 64)), study_uid, series_uid=series_uid, instance_number=3)
-    broken.PixelData = broken.PixelData[:100]  # stored as received; only analysis finds it short
+    # Stored as received; only the decoder finds it broken, and it panics (a BaseException).
+    broken = decoder_panic_rle(
+        make_radiograph(
+            FRACATLAS / "images/Fractured/IMG0002544.jpg", study_uid, series_uid=series_uid, instance_number=3
+        )
+    )
     assert _store(server.port, [*good, broken]) == [0, 0, 0]
     row = server.wait_for_state(study_uid, {"done", "failed"})
     assert row["state"] == "done"

@@ -1,0 +1,26 @@
+"""Where stored files are, relative to the data folder.
+
+Rows keep file paths relative to ``[storage] data_dir`` so that several nodes
+sharing one data folder (an NFS or SMB share) may mount it in different
+places; rows written by older versions hold absolute paths, which are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["relative_to_data", "resolve_stored"]
+
+
+def relative_to_data(path: Path, data_dir: Path) -> str:
+    """``path`` relative to ``data_dir`` when it lies inside it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(data_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def resolve_stored(data_dir: Path, stored: str) -> Path:
+    """The file a row's path names on this node."""
+    path = Path(stored)
+    return path if path.is_absolute() else Path(data_dir) / path

@@ -2,16 +2,27 @@
 
 Usage::
 
-    pacs-bridge infer [--model DIR] [--json] [--batch-size N] [--providers LIST] PATH...
+    pacs-bridge infer [--config FILE] [--model DIR] [--json] [--batch-size N] [--providers LIST] PATH...
+
+The settings are those of ``pacs-bridge serve`` (:func:`pacs_bridge.config.load_settings`:
+the TOML file, then ``PACS_BRIDGE_<SECTION>_<KEY>`` variables, then these flags),
+and the analysis is the service's (:func:`pacs_bridge.inference.analyse.analyser_from_settings`),
+so the same image gets the same probability, boxes and peak in both.
 
 Directories are expanded to the files under them (recursively, sorted, hidden
 files skipped). Without ``--json`` a table is printed; with ``--json`` one
 JSON object per input per line::
 
     {"path": ..., "probability": 0.73, "fracture": true, "threshold": 0.42,
-     "body_part": "hand", "box": [x0, y0, x1, y1], "model": {"name": ..., "version": ...}}
+     "body_part": "hand", "box": [x0, y0, x1, y1],
+     "boxes": [{"box": [x0, y0, x1, y1], "score": 0.81}, ...], "peak": [x, y],
+     "model": {"name": ..., "version": ...}}
 
-An input that cannot be analysed gives ``{"path": ..., "error": "<reason>"}``.
+Coordinates are the image's own pixels (``x1``/``y1`` exclusive); ``box`` is
+the top entry of ``boxes``; ``box`` and ``peak`` are ``null`` when the model
+points nowhere. An input that cannot be analysed (unreadable, or not a
+radiograph: too small, near-constant or noise-like) gives
+``{"path": ..., "error": "<reason>"}``.
 Exit status: 0 when every input was analysed, 1 when some input failed,
 2 for a usage error or when the model cannot be loaded. No traceback is
 printed for expected errors.
@@ -25,11 +36,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from pacs_bridge.inference.analyse import Analyser, ImageFailure, ImageFinding
+from pacs_bridge.config import Settings, load_settings
+from pacs_bridge.errors import ConfigError
+from pacs_bridge.inference.analyse import ImageFailure, ImageFinding, analyser_from_settings
 from pacs_bridge.inference.manifest import ManifestError
-from pacs_bridge.inference.model import MODEL_DIR_ENV, default_model_dir, load_model
+from pacs_bridge.inference.model import MODEL_DIR_ENV, default_model_dir
 
 __all__ = ["build_parser", "expand_paths", "infer_main"]
 
@@ -44,24 +57,36 @@ def build_parser(prog: str = "pacs-bridge infer") -> argparse.ArgumentParser:
     """The argument parser of ``pacs-bridge infer``."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Run the fracture model on DICOM, PNG or JPEG files (directories are expanded).",
+        description=(
+            "Run the fracture model on DICOM, PNG or JPEG files (directories are expanded), with the same "
+            "[analysis] settings as pacs-bridge serve."
+        ),
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or directories to analyse")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="settings file (TOML), as for serve; default $PACS_BRIDGE_CONFIG, then embedded defaults",
+    )
     parser.add_argument(
         "--model",
         type=Path,
         default=None,
         metavar="DIR",
-        help=f"model folder (model.onnx + model.json); default ${MODEL_DIR_ENV} or {default_model_dir()}",
+        help=f"override [analysis] model_dir (${MODEL_DIR_ENV}); default {default_model_dir()}",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per input per line")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per model call (default 8)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N", help="override [analysis] batch_size")
     parser.add_argument(
         "--providers",
-        default="auto",
-        help="ONNX Runtime providers: auto (GPU when it works, else CPU), cpu, cuda, tensorrt, or a comma list",
+        default=None,
+        help="override [analysis] providers: auto (GPU when it works, else CPU), cpu, cuda, tensorrt, or a comma list",
     )
-    parser.add_argument("--threads", type=int, default=0, metavar="N", help="intra-op threads (0 = default)")
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="override [analysis] intra_op_threads (0 = default)"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     return parser
 
@@ -100,6 +125,20 @@ def _print_table(results: Sequence[ImageFinding | ImageFailure], stream: TextIO)
         stream.write("  ".join(cells).rstrip() + "\n")
 
 
+def _load_settings(args: argparse.Namespace) -> Settings:
+    analysis: dict[str, Any] = {}
+    for flag, key in (
+        ("model", "model_dir"),
+        ("batch_size", "batch_size"),
+        ("providers", "providers"),
+        ("threads", "intra_op_threads"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            analysis[key] = value
+    return load_settings(args.config, overrides={"analysis": analysis} if analysis else None)
+
+
 def infer_main(argv: list[str] | None = None) -> int:
     """Entry point of ``pacs-bridge infer``; returns the exit status."""
     parser = build_parser()
@@ -109,27 +148,27 @@ def infer_main(argv: list[str] | None = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     level = logging.WARNING if args.verbose == 0 else (logging.INFO if args.verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         print("pacs-bridge infer: --batch-size must be >= 1", file=sys.stderr)
         return EXIT_USAGE
     try:
-        model = load_model(args.model, providers=args.providers, intra_op_threads=args.threads)
+        settings = _load_settings(args)
+    except ConfigError as exc:
+        print(f"pacs-bridge infer: invalid settings: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        analyser = analyser_from_settings(settings, keep_heatmap=False)
     except ManifestError as exc:
         print(f"pacs-bridge infer: cannot load the model: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
         print(f"pacs-bridge infer: cannot load the model: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    analyser = Analyser(model, batch_size=args.batch_size, keep_heatmap=False)
     paths = expand_paths(args.paths)
     if not paths:
         print("pacs-bridge infer: no input files", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        results = analyser.analyse_paths(paths)
-    except Exception as exc:
-        LOGGER.debug("inference failed", exc_info=True)
-        results = [ImageFailure(str(p), f"inference failed: {type(exc).__name__}: {exc}") for p in paths]
+    results = analyser.analyse_paths(paths)
     if args.json:
         for item in results:
             sys.stdout.write(json.dumps(item.to_json()) + "\n")

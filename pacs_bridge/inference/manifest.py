@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pacs_bridge.imaging.preprocess import PreprocessSpec
+from pacs_bridge.inference.boxes import LocalisationSpec
 
 __all__ = [
+    "HEATMAP_KINDS",
     "MANIFEST_FILE",
     "REQUIRED_KEYS",
     "InputSpec",
@@ -45,6 +47,12 @@ REQUIRED_KEYS = (
     "outputs",
     "threshold",
 )
+
+
+HEATMAP_KINDS = ("cam", "centre")
+"""``cam``: a class-activation map (1.x; relative, the box is its hottest region);
+``centre``: per-cell probability of a fracture centre (2.x; boxes from peaks, see
+:mod:`pacs_bridge.inference.boxes`)."""
 
 
 class ManifestError(ValueError):
@@ -73,11 +81,18 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OutputNames:
-    """Graph output names by role; ``heatmap``/``body_part`` are ``None`` when absent."""
+    """Graph output names by role; ``heatmap``/``body_part`` are ``None`` when absent.
+
+    ``heatmap_kind`` says how the heatmap reads (:data:`HEATMAP_KINDS`);
+    ``body_part_activation`` is ``softmax`` (one region) or ``sigmoid``
+    (independent regions).
+    """
 
     probability: str
     heatmap: str | None = None
     body_part: str | None = None
+    heatmap_kind: str = "cam"
+    body_part_activation: str = "softmax"
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,7 @@ class ModelManifest:
     threshold_rule: str | None = None
     positive_label: str = "fracture"
     body_parts: tuple[str, ...] = ()
+    localisation: LocalisationSpec = field(default_factory=LocalisationSpec)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -206,7 +222,20 @@ class ModelManifest:
         for role in ("heatmap", "body_part"):
             if outputs.get(role) is not None and not isinstance(outputs[role], str):
                 raise bad(f"outputs.{role} must be a string or null")
-        names = OutputNames(outputs["probability"], outputs.get("heatmap"), outputs.get("body_part"))
+        kind = outputs.get("heatmap_kind", "cam")
+        if kind not in HEATMAP_KINDS:
+            raise bad(f"outputs.heatmap_kind must be one of {HEATMAP_KINDS}, got {kind!r}")
+        activation = outputs.get("body_part_activation", "softmax")
+        if activation not in ("softmax", "sigmoid"):
+            raise bad(f"outputs.body_part_activation must be 'softmax' or 'sigmoid', got {activation!r}")
+        names = OutputNames(outputs["probability"], outputs.get("heatmap"), outputs.get("body_part"), kind, activation)
+        block = raw.get("localisation") or {}
+        if not isinstance(block, dict):
+            raise bad("'localisation' must be an object")
+        try:
+            localisation = LocalisationSpec(**block)
+        except (TypeError, ValueError) as exc:
+            raise bad(f"invalid 'localisation': {exc}") from exc
 
         labels = raw.get("labels") or {}
         if not isinstance(labels, dict):
@@ -230,6 +259,7 @@ class ModelManifest:
             threshold_rule=raw.get("threshold_rule"),
             positive_label=str(labels.get("positive", "fracture")),
             body_parts=body_parts,
+            localisation=localisation,
             training=dict(raw.get("training") or {}),
             metrics=dict(raw.get("metrics") or {}),
             raw=raw,

@@ -40,7 +40,8 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-MODEL_DIR_ENV = "PACS_BRIDGE_MODEL_DIR"
+MODEL_DIR_ENV = "PACS_BRIDGE_ANALYSIS_MODEL_DIR"
+"""The settings' own variable for ``[analysis] model_dir`` (one variable for serve, infer and evaluate)."""
 DEFAULT_MODEL_NAME = "fracatlas-cnn"
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -58,7 +59,7 @@ class ModelLoadError(ManifestError):
 
 
 def default_model_dir() -> Path:
-    """``$PACS_BRIDGE_MODEL_DIR`` if set, else the bundled model ``fracatlas-cnn``.
+    """``$PACS_BRIDGE_ANALYSIS_MODEL_DIR`` if set, else the bundled model ``fracatlas-cnn``.
 
     Installed from a wheel, the bundled model is package data,
     ``pacs_bridge/_bundled_models/fracatlas-cnn``; in a checkout (an editable

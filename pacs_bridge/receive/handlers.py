@@ -4,7 +4,9 @@ C-STORE (PS3.4 Annex B, Storage Service Class as SCP) writes the bytes as
 received (``event.encoded_dataset()``: File Meta Information plus the data set
 in its transfer syntax, PS3.10 §7) and answers only after the spool file and
 its index row are durable. C-ECHO is the Verification Service Class (PS3.4
-Annex A). Every handler answers with a status; none raises.
+Annex A). Every handler answers with a status; none raises. A data set cut
+short for its size while it arrived (``receive/network.py``) is answered
+0xA700 without being decoded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from pynetdicom import events as evt
 
+from pacs_bridge.logsafe import redact
 from pacs_bridge.receive.ingest import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -156,12 +159,25 @@ class Handlers:
 
     def _store(self, event: Any, stats: AssociationStats | None) -> int:
         calling = event.assoc.requestor.ae_title.strip()
+        take_refusal = getattr(event.assoc.dul, "take_refusal", None)
+        cut_at = take_refusal(int(event.request.MessageID)) if take_refusal is not None else None
+        if cut_at is not None:
+            # The data set grew past [dicom] max_instance_mb while it arrived and was dropped (receive/network.py).
+            LOGGER.warning(
+                "C-STORE of %s from %s refused (0xA700): larger than [dicom] max_instance_mb (cut at %d bytes)",
+                event.request.AffectedSOPInstanceUID or "unknown instance",
+                calling,
+                cut_at,
+            )
+            if stats:
+                stats.failed += 1
+            return STATUS_OUT_OF_RESOURCES
         try:
             data = event.encoded_dataset()
             ds = event.dataset
             transfer_syntax = str(event.context.transfer_syntax)
         except Exception as exc:
-            LOGGER.warning("C-STORE from %s refused, data set cannot be decoded: %s", calling, exc)
+            LOGGER.warning("C-STORE from %s refused, data set cannot be decoded: %s", calling, redact(str(exc)))
             if stats:
                 stats.failed += 1
             return STATUS_CANNOT_UNDERSTAND

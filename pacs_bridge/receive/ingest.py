@@ -1,11 +1,22 @@
 """The one ingest path shared by the C-STORE SCP and the folder watcher.
 
 Order of work, so that an acknowledgement means the instance is safe:
-validate (UIDs, size, free disk) → write the received bytes durably into the
-spool → commit the index rows → only then report success. The Storage
-Service Class statuses used are those of PS3.4 B.2.3: 0x0000 success,
-0xA700 refused: out of resources, 0xA900 data set does not match SOP class,
-0xC210 cannot understand.
+validate and read every attribute the index needs (UIDs, size, pixel data
+length) → write the received bytes durably into the spool under a name that
+no other file has → commit the index rows → only then report success. An
+instance that cannot be read is refused before any byte is written, so a
+refused instance never leaves a file behind. The Storage Service Class
+statuses used are those of PS3.4 B.2.3: 0x0000 success, 0xA700 refused: out
+of resources, 0xA900 data set does not match SOP class, 0xC210 cannot
+understand.
+
+Two stores of one SOP Instance UID (a PACS resending after a timeout on a
+second association) are serialised by a claim on the UID: the second waits,
+then finds the row and answers success as a duplicate without touching the
+file. Across processes (several workers on one spool) the spool's
+link-if-absent does the same job: a file in the spool is never replaced or
+removed by a store, only a file this store itself created and no row points
+to.
 """
 
 from __future__ import annotations
@@ -13,15 +24,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacs_bridge.errors import OutOfResources, RejectedInstance
+from pacs_bridge.logsafe import redact
+from pacs_bridge.receive.failed import FailedFolder
 from pacs_bridge.store.db import Database
 from pacs_bridge.store.index import FastIndex, InstanceRecord, find_instance
 from pacs_bridge.store.models import Instance
@@ -34,6 +50,7 @@ __all__ = [
     "STATUS_SUCCESS",
     "IngestOutcome",
     "Ingestor",
+    "check_pixel_data",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -42,6 +59,9 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
+
+# How long a store waits for another process that linked the same instance first to commit its row.
+_ADOPT_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,8 @@ class IngestOutcome:
     sop_instance_uid: str | None = None
     size_bytes: int = 0
     duplicate: bool = False
+    retryable: bool = False
+    """True for a refusal that may succeed later unchanged (disk full, database busy)."""
 
     @property
     def ok(self) -> bool:
@@ -72,41 +94,74 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     value = ds.get(keyword)
     try:
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
-def _record(
-    ds: Dataset,
-    uids: tuple[str, str, str, str],
-    transfer_syntax: str,
-    path: Path,
-    size: int,
-    calling_aet: str | None,
-    source: str,
-) -> InstanceRecord:
-    study_uid, series_uid, sop_uid, sop_class = uids
-    return InstanceRecord(
-        study_instance_uid=study_uid,
-        series_instance_uid=series_uid,
-        sop_instance_uid=sop_uid,
-        sop_class_uid=sop_class,
-        transfer_syntax_uid=transfer_syntax,
-        file_path=path,
-        size_bytes=size,
-        calling_aet=calling_aet,
-        source=source,
-        modality=_text(ds, "Modality", 16),
-        body_part_examined=_text(ds, "BodyPartExamined", 64),
-        patient_id=_text(ds, "PatientID", 64),
-        patient_name=_text(ds, "PatientName", 324),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_date=_text(ds, "StudyDate", 8),
-        study_description=_text(ds, "StudyDescription", 64),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription", 64),
-        instance_number=_int(ds, "InstanceNumber"),
-    )
+def _describe(ds: Dataset) -> dict[str, Any]:
+    """Every attribute the index keeps besides the UIDs; raises if one cannot be read (unknown VR, bad value)."""
+    return {
+        "modality": _text(ds, "Modality", 16),
+        "body_part_examined": _text(ds, "BodyPartExamined", 64),
+        "patient_id": _text(ds, "PatientID", 64),
+        "patient_name": _text(ds, "PatientName", 324),
+        "accession_number": _text(ds, "AccessionNumber", 16),
+        "study_date": _text(ds, "StudyDate", 8),
+        "study_description": _text(ds, "StudyDescription", 64),
+        "series_number": _int(ds, "SeriesNumber"),
+        "series_description": _text(ds, "SeriesDescription", 64),
+        "instance_number": _int(ds, "InstanceNumber"),
+    }
+
+
+def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
+    """Refuse native Pixel Data shorter than Rows x Columns x Samples x Frames x Bits Allocated (PS3.5 8.1.1).
+
+    Encapsulated (compressed) pixel data is left to the decoder. Raises
+    :class:`RejectedInstance` for truncated data; an unreadable Pixel Data
+    element raises whatever pydicom raises.
+    """
+    if "PixelData" not in ds or UID(transfer_syntax).is_compressed:
+        return
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = (
+            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * max(frames, 1) * int(ds.BitsAllocated)
+        )
+    except (AttributeError, TypeError, ValueError, OverflowError, KeyError):
+        return  # no usable geometry: nothing to compare with; analysis will refuse the image if it must
+    expected = (bits + 7) // 8
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise RejectedInstance(f"pixel data truncated: {actual} of {expected} bytes")
+
+
+class _Claims:
+    """One lock per SOP Instance UID being stored, so that one instance is stored by one thread at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, uid: str) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._held.get(uid, (threading.Lock(), 0))
+            self._held[uid] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._held[uid]
+                if users <= 1:
+                    del self._held[uid]
+                else:
+                    self._held[uid] = (lock, users - 1)
+
+
+def _error_text(exc: BaseException) -> str:
+    return redact(str(exc)) or type(exc).__name__
 
 
 class Ingestor:
@@ -116,10 +171,12 @@ class Ingestor:
         self.spool = spool
         self.db = db
         self.max_instance_bytes = max_instance_bytes
+        self.failed = FailedFolder(spool.failed)
         # One writer at a time keeps SQLite free of lock contention and makes the
         # duplicate check and the insert one step; file writes happen outside it.
         self._index_lock = threading.Lock()
         self._index = FastIndex()
+        self._claims = _Claims()
 
     def _identify(self, ds: Dataset, transfer_syntax: str | None) -> tuple[str, str, str, str]:
         uids = {}
@@ -129,11 +186,32 @@ class Ingestor:
             if not text:
                 raise RejectedInstance(f"missing {keyword}")
             if not valid_uid(text):
-                raise RejectedInstance(f"{keyword} {text[:80]!r} is not a valid UID ([0-9.]{{1,64}})")
+                raise RejectedInstance(f"{keyword} {text[:80]!r} is not a valid UID (PS3.5 9.1)")
             uids[keyword] = text
         if transfer_syntax is not None and not valid_uid(transfer_syntax):
             raise RejectedInstance(f"transfer syntax {transfer_syntax[:80]!r} is not a valid UID")
         return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"], uids["SOPClassUID"]
+
+    def _read(
+        self, ds: Dataset, transfer_syntax: str
+    ) -> tuple[tuple[str, str, str, str], dict[str, Any]] | IngestOutcome:
+        """The UIDs and attributes of ``ds``, or the refusal when something cannot be read."""
+        try:
+            uids = self._identify(ds, transfer_syntax)
+        except RejectedInstance as exc:
+            return IngestOutcome(STATUS_CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # a malformed element can raise anything while being read
+            return IngestOutcome(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {_error_text(exc)}")
+        try:
+            attributes = _describe(ds)
+            check_pixel_data(ds, transfer_syntax)
+        except RejectedInstance as exc:
+            return IngestOutcome(STATUS_CANNOT_UNDERSTAND, str(exc), uids[0], uids[2])
+        except Exception as exc:
+            return IngestOutcome(
+                STATUS_CANNOT_UNDERSTAND, f"unreadable attribute: {_error_text(exc)}", uids[0], uids[2]
+            )
+        return uids, attributes
 
     def ingest(
         self,
@@ -148,12 +226,11 @@ class Ingestor:
     ) -> IngestOutcome:
         """Store and index one instance; ``chunks`` are its bytes exactly as they will be kept."""
         started = time.perf_counter()
-        try:
-            study_uid, series_uid, sop_uid, sop_class = self._identify(ds, transfer_syntax)
-        except RejectedInstance as exc:
-            return IngestOutcome(STATUS_CANNOT_UNDERSTAND, str(exc))
-        except Exception as exc:  # a malformed element can raise anything while being read
-            return IngestOutcome(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {exc}")
+        read = self._read(ds, transfer_syntax)
+        if isinstance(read, IngestOutcome):
+            return read
+        uids, attributes = read
+        study_uid, _series_uid, sop_uid, sop_class = uids
         if expected_sop_class is not None and sop_class != expected_sop_class:
             return IngestOutcome(
                 STATUS_MISMATCH,
@@ -168,43 +245,120 @@ class Ingestor:
                 study_uid,
                 sop_uid,
             )
-        # The spool path follows from the UIDs, and every spool file has a row once
-        # start-up has reconciled them: an existing file is a duplicate, kept as stored.
-        if self.spool.path_for(study_uid, sop_uid).exists():
-            with self.db.sessions() as session:
-                known = find_instance(session, sop_uid)
-                if known is not None:
-                    return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, known.size_bytes, True)
+        with self._claims.hold(sop_uid):
+            outcome = self._store(uids, attributes, chunks, size, transfer_syntax, calling_aet, source)
+        if outcome.ok:
+            LOGGER.debug(
+                "stored instance %s of study %s (%d bytes, %s, %s) in %.1f ms",
+                sop_uid,
+                study_uid,
+                outcome.size_bytes,
+                transfer_syntax,
+                outcome.message,
+                (time.perf_counter() - started) * 1000,
+            )
+        return outcome
+
+    def _known(self, sop_uid: str) -> Instance | None:
+        with self.db.sessions() as session:
+            return find_instance(session, sop_uid)
+
+    def _store(
+        self,
+        uids: tuple[str, str, str, str],
+        attributes: dict[str, Any],
+        chunks: Iterable[bytes],
+        size: int,
+        transfer_syntax: str,
+        calling_aet: str | None,
+        source: str,
+    ) -> IngestOutcome:
+        study_uid, series_uid, sop_uid, sop_class = uids
+        path = self.spool.path_for(study_uid, sop_uid)
+        if path.exists():
+            known = self._known(sop_uid)
+            if known is not None:
+                return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, known.size_bytes, True)
         try:
-            path, written = self.spool.store(study_uid, sop_uid, chunks, size_hint=size)
+            stored = self.spool.store(study_uid, sop_uid, chunks, size_hint=size)
         except OutOfResources as exc:
-            return IngestOutcome(STATUS_OUT_OF_RESOURCES, str(exc), study_uid, sop_uid)
+            return IngestOutcome(STATUS_OUT_OF_RESOURCES, str(exc), study_uid, sop_uid, retryable=True)
         except RejectedInstance as exc:
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND, str(exc), study_uid, sop_uid)
-        record = _record(
-            ds, (study_uid, series_uid, sop_uid, sop_class), transfer_syntax, path, written, calling_aet, source
+        if not stored.created:
+            return self._adopt(path, study_uid, sop_uid, (study_uid, series_uid, sop_uid, sop_class), attributes)
+        record = InstanceRecord(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=transfer_syntax,
+            file_path=path,
+            size_bytes=stored.size,
+            calling_aet=calling_aet,
+            source=source,
+            **attributes,
         )
         try:
             duplicate = not self._commit(record)
         except (OperationalError, IntegrityError, OSError) as exc:
-            LOGGER.error("instance %s not indexed, refused: %s", sop_uid, exc)
-            path.unlink(missing_ok=True)
-            return IngestOutcome(STATUS_OUT_OF_RESOURCES, f"database error: {exc}", study_uid, sop_uid)
+            LOGGER.error("instance %s not indexed, refused: %s", sop_uid, _error_text(exc))
+            self._discard(path)
+            return IngestOutcome(
+                STATUS_OUT_OF_RESOURCES, "database error; try again", study_uid, sop_uid, retryable=True
+            )
         if duplicate:
             # Same SOP Instance UID already stored under another study: keep the first.
             LOGGER.warning("instance %s received again under study %s; the first copy is kept", sop_uid, study_uid)
+            self._discard(path)
+            return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, stored.size, True)
+        return IngestOutcome(STATUS_SUCCESS, "stored", study_uid, sop_uid, stored.size)
+
+    def _discard(self, path: Path) -> None:
+        """Remove a file this store created, unless a row points to it (then it is someone's acknowledged copy)."""
+        with self.db.sessions() as session:
+            owner = session.scalar(select(Instance.id).where(Instance.file_path == str(path)))
+        if owner is None:
             path.unlink(missing_ok=True)
-        LOGGER.debug(
-            "stored instance %s of study %s (%d bytes, %s) in %.1f ms",
-            sop_uid,
-            study_uid,
-            written,
-            transfer_syntax,
-            (time.perf_counter() - started) * 1000,
-        )
-        return IngestOutcome(
-            STATUS_SUCCESS, "duplicate" if duplicate else "stored", study_uid, sop_uid, written, duplicate
-        )
+
+    def _adopt(
+        self,
+        path: Path,
+        study_uid: str,
+        sop_uid: str,
+        uids: tuple[str, str, str, str],
+        attributes: dict[str, Any],
+    ) -> IngestOutcome:
+        """A file already has this instance's name: answer from it, never touching it.
+
+        Another process may be committing its row (wait briefly); a file left
+        without a row (a crash between link and commit) is indexed from the
+        file itself; one that cannot be read is moved to failed/ and the store
+        is refused with 0xA700 so that the sender tries again.
+        """
+        deadline = time.monotonic() + _ADOPT_WAIT_SECONDS
+        while True:
+            known = self._known(sop_uid)
+            if known is not None:
+                return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, known.size_bytes, True)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        try:
+            indexed = self._index_file(path, "recovered")
+        except Exception as exc:
+            reason = f"spool file without a row could not be indexed: {_error_text(exc)}"
+            self._quarantine(path, reason)
+            return IngestOutcome(
+                STATUS_OUT_OF_RESOURCES, "spool conflict; try again", study_uid, sop_uid, retryable=True
+            )
+        known = self._known(sop_uid)
+        if known is None:
+            return IngestOutcome(
+                STATUS_OUT_OF_RESOURCES, "spool conflict; try again", study_uid, sop_uid, retryable=True
+            )
+        LOGGER.warning("instance %s: an unindexed spool file was found and indexed (%s)", sop_uid, indexed)
+        return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, known.size_bytes, True)
 
     def _commit(self, record: InstanceRecord) -> bool:
         attempts = 0
@@ -227,26 +381,53 @@ class Ingestor:
                     raise
                 time.sleep(0.05 * attempts)
 
-    def reconcile(self) -> int:
-        """Index spool files that have no row (a crash between rename and commit); return how many."""
+    def _index_file(self, path: Path, source: str) -> str:
+        """Index one spool file from its own content; raises when it cannot (unreadable, wrong name)."""
         from pydicom import dcmread
 
+        ds = dcmread(path, stop_before_pixels=True)
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        study_uid, series_uid, sop_uid, sop_class = self._identify(ds, ts or None)
+        if sop_uid != path.stem or study_uid != path.parent.name:
+            raise RejectedInstance(f"its UIDs do not match its name ({study_uid}/{sop_uid})")
+        record = InstanceRecord(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=ts,
+            file_path=path,
+            size_bytes=path.stat().st_size,
+            calling_aet=None,
+            source=source,
+            **_describe(ds),
+        )
+        return "indexed" if self._commit(record) else "already indexed"
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        try:
+            target = self.failed.keep(path, reason, origin="spool")
+        except OSError as exc:
+            LOGGER.error("spool file %s: %s; it could not be moved to failed/ either: %s", path.name, reason, exc)
+            return
+        LOGGER.warning("spool file %s: %s; moved to %s", path.name, reason, target)
+
+    def reconcile(self) -> int:
+        """Index spool files that have no row (a crash between link and commit); return how many.
+
+        A file that cannot be indexed (unreadable, UIDs that do not match its
+        name) is moved to ``failed/`` with its reason and logged once; the
+        start goes on. Nothing is deleted.
+        """
         with self.db.sessions() as session:
             known = set(session.scalars(select(Instance.sop_instance_uid)))
         added = 0
-        for path in self.spool.files():
+        for path in list(self.spool.files()):
             if path.stem in known:
                 continue
             try:
-                ds = dcmread(path, stop_before_pixels=True)
-                ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-                uids = self._identify(ds, ts or None)
+                if self._index_file(path, "recovered") == "indexed":
+                    added += 1
             except Exception as exc:
-                LOGGER.warning("spool file %s is unreadable and left out of the index: %s", path.name, exc)
-                continue
-            if uids[2] != path.stem:
-                continue
-            record = _record(ds, uids, ts, path, path.stat().st_size, None, "recovered")
-            if self._commit(record):
-                added += 1
+                self._quarantine(path, f"left out of the index: {_error_text(exc)}")
         return added

@@ -5,13 +5,17 @@ Annex A). Accepted SOP classes and transfer syntaxes are listed in
 ``docs/conformance.md``; any other abstract syntax is refused at
 presentation-context negotiation (PS3.8 §9.3.3.2, result 3 "abstract syntax
 not supported"). DICOM TLS follows PS3.15 Annex B.1 (TLS 1.2 or newer).
+Every connection is held to the bounds of :mod:`pacs_bridge.receive.network`
+(PDU size and time, TLS handshake time, connections per host).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from pynetdicom import AE
@@ -19,6 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.config import DicomSettings
 from pacs_bridge.receive.handlers import Handlers
+from pacs_bridge.receive.network import GuardedRequestHandler, GuardedServer, NetworkLimits
 
 __all__ = ["STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES", "DicomListener", "server_ssl_context"]
 
@@ -89,16 +94,32 @@ class DicomListener:
         ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES)[:3])
         self.ae = ae
         self.server: Any = None
+        self.limits = NetworkLimits(
+            max_pdu_bytes=settings.max_pdu_size,
+            max_instance_bytes=int(settings.max_instance_mb * 1024 * 1024),
+            acse_timeout=settings.acse_timeout,
+            network_timeout=settings.network_timeout,
+            max_per_host=settings.max_associations_per_host,
+            max_connections=2 * settings.max_associations,
+        )
 
     def start(self) -> None:
         """Listen (non-blocking)."""
         context = server_ssl_context(self.settings)
-        self.server = self.ae.start_server(
+        # AE.start_server(block=False) with pynetdicom's documented server_class/request_handler hooks.
+        server = self.ae.make_server(
             (self.settings.host, self.settings.port),
-            block=False,
-            evt_handlers=self.handlers.bindings(),
             ssl_context=context,
+            evt_handlers=self.handlers.bindings(),
+            server_class=GuardedServer,
+            request_handler=GuardedRequestHandler,
+            limits=self.limits,
         )
+        stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+        thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        self.server = server
         LOGGER.info(
             "DICOM listener %s on %s:%d%s, %d storage SOP classes, %d transfer syntaxes",
             self.settings.ae_title,

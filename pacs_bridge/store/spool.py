@@ -1,11 +1,20 @@
 """Durable files: the spool of received instances, as received, byte for byte.
 
-A file is written to ``<data_dir>/tmp/``, flushed and fsynced, then renamed
-into ``<data_dir>/spool/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` and the
-folder fsynced. A crash at any point leaves either no file or a whole file in
-the spool; partial files can only exist in ``tmp/``, which is emptied at
-start-up. Path components are UIDs validated against PS3.5 §9.1
-(``[0-9.]{1,64}``) before they touch the file system.
+A file is written to a unique temp name in ``<data_dir>/tmp/``, flushed and
+fsynced, then *linked* into
+``<data_dir>/spool/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` only if no file
+is there yet (``os.link`` fails on an existing name; it never replaces), the
+temp name removed and the folder fsynced. A file in the spool is therefore
+never replaced or removed by a later store: a duplicate leaves the first copy
+untouched. A crash at any point leaves either no file or a whole file in the
+spool; partial files can only exist in ``tmp/``, which is emptied at
+start-up, and a whole file that lost its database row (a kill between link
+and commit) is indexed again by ``Ingestor.reconcile``.
+
+Path components are UIDs validated against PS3.5 §9.1 (digits and dots,
+at most 64 characters, no empty component, no leading zero in a
+component) before they touch the file system. Every folder is created 0700
+and every file 0600: the spool holds patient data.
 """
 
 from __future__ import annotations
@@ -16,24 +25,58 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pacs_bridge.errors import OutOfResources, RejectedInstance
 
-__all__ = ["Spool", "fsync_dir", "valid_uid", "write_durably"]
+__all__ = [
+    "PRIVATE_DIR_MODE",
+    "PRIVATE_FILE_MODE",
+    "Spool",
+    "StoredFile",
+    "fsync_dir",
+    "make_private_dir",
+    "private_umask",
+    "valid_uid",
+    "write_durably",
+]
 
 LOGGER = logging.getLogger(__name__)
 
-_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+# PS3.5 §9.1: components of digits separated by dots; a component is "0" or has no leading zero.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 def valid_uid(value: object) -> bool:
-    """True if ``value`` is a UID made only of digits and dots, 1 to 64 characters."""
-    return isinstance(value, str) and bool(_UID_RE.match(value)) and ".." not in value
+    """True if ``value`` is a UID as PS3.5 §9.1 defines it (and so a safe path component).
+
+    Digits and dots only, 1 to 64 characters, no empty component (no leading,
+    trailing or doubled dot) and no leading zero in a multi-digit component.
+    """
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def private_umask() -> int:
+    """Make every file and folder the process creates from now on private (umask 077); the old umask."""
+    return os.umask(0o077)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) 0700; tighten it if it exists with wider permissions."""
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(PRIVATE_DIR_MODE)
+    except OSError as exc:  # not ours (a mount point): leave it, but say so
+        LOGGER.warning("cannot make folder %s private: %s", path, exc.strerror or exc)
 
 
 def fsync_dir(path: Path) -> None:
-    """fsync a folder so that a rename inside it is durable."""
+    """fsync a folder so that a rename or link inside it is durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -41,14 +84,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(target: Path, chunks: Iterable[bytes], tmp_dir: Path, *, fsync: bool = True) -> int:
-    """Write ``chunks`` to ``target`` through a temp file in ``tmp_dir``; return the size.
-
-    ``target`` is replaced atomically if it exists.
-    """
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+def _write_temp(chunks: Iterable[bytes], tmp_dir: Path, fsync: bool) -> tuple[str, int]:
+    """Write ``chunks`` to a new private temp file in ``tmp_dir``; its name and size."""
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")  # 0600, a unique name
     size = 0
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -58,34 +96,66 @@ def write_durably(target: Path, chunks: Iterable[bytes], tmp_dir: Path, *, fsync
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
+    except BaseException:
+        _unlink_quietly(tmp_name)
+        raise
+    return tmp_name, size
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def write_durably(target: Path, chunks: Iterable[bytes], tmp_dir: Path, *, fsync: bool = True) -> int:
+    """Write ``chunks`` to ``target`` through a temp file in ``tmp_dir``; return the size.
+
+    ``target`` is replaced atomically if it exists (for files that are meant to
+    be rewritten; the spool uses :meth:`Spool.store`, which never replaces).
+    """
+    tmp_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    target.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    tmp_name, size = _write_temp(chunks, tmp_dir, fsync)
+    try:
         os.replace(tmp_name, target)
         if fsync:
             fsync_dir(target.parent)
     except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp_name)
         raise
     return size
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """The outcome of :meth:`Spool.store`."""
+
+    path: Path
+    size: int
+    created: bool
+    """False when a file already had this name: it was left untouched and nothing was written."""
 
 
 class Spool:
     """The folder of received instances under ``data_dir``."""
 
     def __init__(self, data_dir: Path, *, min_free_mb: float = 0, fsync: bool = True) -> None:
-        self.root = Path(data_dir) / "spool"
-        self.tmp = Path(data_dir) / "tmp"
+        self.data_dir = Path(data_dir)
+        self.root = self.data_dir / "spool"
+        self.tmp = self.data_dir / "tmp"
+        self.failed = self.data_dir / "failed"
         self.min_free_bytes = int(min_free_mb * 1024 * 1024)
         self.fsync = fsync
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        for folder in (self.data_dir, self.root, self.tmp):
+            make_private_dir(folder)
 
     def clean_tmp(self) -> int:
         """Remove partial files left by a crash; return how many."""
         removed = 0
         for item in self.tmp.iterdir():
-            if item.is_file():
+            if item.is_file() or item.is_symlink():
                 item.unlink()
                 removed += 1
         return removed
@@ -103,18 +173,41 @@ class Spool:
         """Where an instance lives; both UIDs must be valid."""
         for name, uid in (("Study Instance UID", study_uid), ("SOP Instance UID", sop_uid)):
             if not valid_uid(uid):
-                raise RejectedInstance(f"{name} {uid!r} is not a valid UID ([0-9.]{{1,64}})")
+                raise RejectedInstance(f"{name} {str(uid)[:80]!r} is not a valid UID (PS3.5 9.1)")
         return self.root / study_uid / f"{sop_uid}.dcm"
 
-    def store(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes], size_hint: int = 0) -> tuple[Path, int]:
-        """Store an instance durably; return its path and size. An existing file is replaced."""
+    def store(self, study_uid: str, sop_uid: str, chunks: Iterable[bytes], size_hint: int = 0) -> StoredFile:
+        """Store an instance durably unless a file already has its name.
+
+        The bytes go to a unique temp file first; the temp file is linked to the
+        spool name only if that name is free, so two stores of one instance
+        racing each other never replace, truncate or remove each other's file:
+        exactly one gets ``created=True``. Raises :class:`OutOfResources` when
+        the disk is below the watermark or a write fails (nothing is left behind).
+        """
         target = self.path_for(study_uid, sop_uid)
         self.check_space(size_hint)
         try:
-            size = write_durably(target, chunks, self.tmp, fsync=self.fsync)
+            target.parent.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+            tmp_name, size = _write_temp(chunks, self.tmp, self.fsync)
         except OSError as exc:
             raise OutOfResources(f"cannot write {target.name}: {exc.strerror or exc}") from exc
-        return target, size
+        try:
+            os.link(tmp_name, target)
+        except FileExistsError:
+            return StoredFile(target, 0, created=False)
+        except OSError as exc:
+            raise OutOfResources(f"cannot place {target.name}: {exc.strerror or exc}") from exc
+        finally:
+            _unlink_quietly(tmp_name)
+        if self.fsync:
+            try:
+                fsync_dir(target.parent)
+            except OSError as exc:
+                # The file is whole but its name may not survive a power cut: refuse so the sender retries.
+                # The file stays (a retry finds it and indexes it); nothing acknowledged depends on it yet.
+                raise OutOfResources(f"cannot fsync the folder of {target.name}: {exc.strerror or exc}") from exc
+        return StoredFile(target, size, created=True)
 
     def files(self) -> Iterable[Path]:
         """Every stored instance file."""

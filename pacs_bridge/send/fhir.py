@@ -226,7 +226,7 @@ def send_result(destination: DestinationSettings, path: Path, disclaimer: str, t
         error = f"unreadable study result: {type(exc).__name__}: {exc}"
         return SendResult(path, None, False, error=error, failure=Failure.PERMANENT)
     try:
-        body = build_bundle(result, destination, disclaimer).json()
+        body = build_bundle(result, destination, disclaimer).model_dump_json()
     except ValueError as exc:  # the models refuse a value: sending again cannot help
         error = f"cannot build the FHIR Bundle: {type(exc).__name__}: {exc}"
         return SendResult(path, None, False, error=error, failure=Failure.PERMANENT)

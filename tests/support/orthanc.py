@@ -14,6 +14,11 @@ Use it as a context manager::
 
 ``stop()`` then ``start()`` restarts it on the same ports and the same storage
 (an outage that loses nothing).
+
+``dicomweb=True`` loads the DICOMweb plugin (Debian package ``orthanc-dicomweb``)
+at ``{url}/dicom-web`` (PS3.18: STOW-RS, QIDO-RS, WADO-RS); ``users`` turns on
+HTTP basic authentication for the REST API and DICOMweb alike (this class's own
+REST calls then log in as the first user).
 """
 
 from __future__ import annotations
@@ -30,14 +35,27 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ORTHANC_BINARY", "OrthancServer", "free_port", "orthanc_available"]
+__all__ = [
+    "DICOMWEB_PLUGIN",
+    "ORTHANC_BINARY",
+    "OrthancServer",
+    "dicomweb_available",
+    "free_port",
+    "orthanc_available",
+]
 
 ORTHANC_BINARY = os.environ.get("ORTHANC_BINARY", "/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path(os.environ.get("ORTHANC_DICOMWEB_PLUGIN", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"))
 
 
 def orthanc_available() -> bool:
     """True when the Orthanc binary can be run (for ``pytest.mark.skipif``)."""
     return Path(ORTHANC_BINARY).is_file() or shutil.which(ORTHANC_BINARY) is not None
+
+
+def dicomweb_available() -> bool:
+    """True when Orthanc and its DICOMweb plugin are installed."""
+    return orthanc_available() and DICOMWEB_PLUGIN.is_file()
 
 
 def free_port() -> int:
@@ -64,6 +82,8 @@ class OrthancServer:
         http_port: int | None = None,
         start_timeout: float = 30.0,
         extra_config: dict[str, Any] | None = None,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
     ) -> None:
         self.root = Path(tmp_path) / "orthanc"
         self.aet = aet
@@ -72,6 +92,8 @@ class OrthancServer:
         self.http_port = http_port or free_port()
         self.start_timeout = start_timeout
         self.extra_config = dict(extra_config or {})
+        self.dicomweb = dicomweb
+        self.users = dict(users or {})
         self.host = "127.0.0.1"
         self._process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -82,6 +104,15 @@ class OrthancServer:
     def url(self) -> str:
         """Base URL of the REST API."""
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the DICOMweb plugin (with ``dicomweb=True``)."""
+        return f"{self.url}/dicom-web"
+
+    @property
+    def _auth(self) -> tuple[str, str] | None:
+        return next(iter(self.users.items())) if self.users else None
 
     @property
     def config_path(self) -> Path:
@@ -126,6 +157,12 @@ class OrthancServer:
             "DicomScuTimeout": 10,
             "DicomScpTimeout": 30,
         }
+        if self.dicomweb:
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"}
+        if self.users:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = dict(self.users)
         config.update(self.extra_config)
         self.config_path.write_text(json.dumps(config, indent=2))
 
@@ -146,7 +183,7 @@ class OrthancServer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with {self._process.returncode}: {self.log_tail()}")
             try:
-                response = httpx.get(f"{self.url}/system", timeout=1.0)
+                response = httpx.get(f"{self.url}/system", timeout=1.0, auth=self._auth)
                 if response.status_code == 200:
                     return self
             except httpx.HTTPError:
@@ -191,6 +228,7 @@ class OrthancServer:
 
     def rest(self, method: str, path: str, *, timeout: float = 60.0, **kwargs: Any) -> Any:
         """Call the REST API; returns the decoded JSON (or the bytes) and raises on an HTTP error."""
+        kwargs.setdefault("auth", self._auth)
         response = httpx.request(method, f"{self.url}{path}", timeout=timeout, **kwargs)
         response.raise_for_status()
         if not response.content:

@@ -535,8 +535,9 @@ class Settings(_Section):
 
 
 _MASK = "********"
-# Keys whose values are secrets wherever they appear: password, web_password, token, client_secret, api_key, ...
-_SECRET_KEY_RE = re.compile(r"(?:^|_)(?:password|passwd|passphrase|token|secret|api_?key)$", re.IGNORECASE)
+# Keys whose values are secrets (or hashes of secrets) wherever they appear: password, password_hash, token,
+# api_tokens, client_secret, api_key, ...
+_SECRET_KEY_RE = re.compile(r"password|passwd|passphrase|token|secret|api_?key", re.IGNORECASE)
 _URL_QUERY_PASSWORD_RE = re.compile(r"([?&](?:password|passwd|pwd)=)[^&]*", re.IGNORECASE)
 
 
@@ -551,15 +552,16 @@ def _mask_url_password(url: str) -> str:
     return _URL_QUERY_PASSWORD_RE.sub(rf"\g<1>{_MASK}", url)
 
 
-def _mask_secrets(value: Any) -> Any:
-    """``value`` with every non-empty string under a secret-named key replaced by a mask, at any depth."""
+def _mask_secrets(value: Any, secret: bool = False) -> Any:
+    """``value`` with every non-empty string under a secret-named key (at any depth, in lists too) masked."""
     if isinstance(value, dict):
         return {
-            key: _MASK if _SECRET_KEY_RE.search(str(key)) and isinstance(item, str) and item else _mask_secrets(item)
-            for key, item in value.items()
+            key: _mask_secrets(item, secret or bool(_SECRET_KEY_RE.search(str(key)))) for key, item in value.items()
         }
     if isinstance(value, list):
-        return [_mask_secrets(item) for item in value]
+        return [_mask_secrets(item, secret) for item in value]
+    if secret and isinstance(value, str) and value:
+        return _MASK
     return value
 
 

@@ -10,6 +10,7 @@ command -v storescu >/dev/null 2>&1 && [ -x /usr/bin/storescu ] || missing+=(dcm
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # certificates for the DICOM TLS tests
 if [ ${#missing[@]} -eq 0 ]; then
   echo "system packages present: dcmtk, orthanc, dicom3tools, chromium"
   exit 0

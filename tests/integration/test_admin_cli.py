@@ -172,7 +172,7 @@ def test_config_show_masks_every_secret(tmp_path: Path) -> None:
     config = _site(
         tmp_path,
         storage={"database_url": "postgresql+psycopg://bridge:db-s3cret@db.example.org:5432/bridge"},
-        web={"password": "web-s3cret"},
+        web={"api_tokens": ["sha256:" + "5" * 64]},
     )
     config["destinations"] = [
         {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
@@ -196,6 +196,7 @@ def test_config_show_masks_every_secret(tmp_path: Path) -> None:
     proc = run_cli("config", "--show", "--config", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "s3cret" not in proc.stdout
+    assert "5555" not in proc.stdout
     assert 'database_url = "postgresql+psycopg://bridge:********@db.example.org:5432/bridge"' in proc.stdout
     assert proc.stdout.count('"********"') >= 3
     assert 'username = "bridge"' in proc.stdout

@@ -150,3 +150,25 @@ def test_installed_command_runs_outside_the_checkout(installed: Path, tmp_path: 
     proc = _run(installed / "bin" / "python", "-c", "import trainer", cwd=tmp_path, env=env)
     assert proc.returncode != 0
     assert "No module named 'trainer'" in proc.stderr
+
+
+def _install_blocks(readme: str) -> list[str]:
+    section = readme.split("### Installing without make", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+
+
+def test_readme_install_blocks_never_install_cpu_and_gpu_together() -> None:
+    """Each block can be pasted as it is: onnxruntime and onnxruntime-gpu must not end up side by side."""
+    blocks = _install_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
+    assert blocks
+    runtimes: set[str] = set()
+    for block in blocks:
+        extras: set[str] = set()
+        for line in block.splitlines():
+            command = line.split("#", 1)[0]
+            if "pip install" in command:
+                for group in re.findall(r"\[([a-z0-9_,\s-]+)\]", command):
+                    extras |= {extra.strip() for extra in group.split(",")}
+        assert not {"cpu", "gpu"} <= extras, block
+        runtimes |= extras & {"cpu", "gpu"}
+    assert runtimes == {"cpu", "gpu"}, "the README shows how to install either runtime"

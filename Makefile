@@ -17,7 +17,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
-	$(PIP) install --quiet -e '.[cpu,dev,train]'
+	$(PIP) install --quiet -e '.[cpu,dev,train,postgres]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages that pacs-bridge's tests use, when missing:
 # dcmtk (storescu, echoscu, dsrdump, dcmcjpeg, ...), orthanc (a real PACS),
-# dicom3tools (dciodvfy), chromium (renders the SR as HTML for the pictures).
+# dicom3tools (dciodvfy), chromium (renders the SR as HTML for the pictures),
+# postgresql (a throw-away server for the multi-node tests).
 # Runs apt-get only if something is missing.
 set -euo pipefail
 missing=()
@@ -11,6 +12,7 @@ command -v storescu >/dev/null 2>&1 && [ -x /usr/bin/storescu ] || missing+=(dcm
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # certificates for the DICOM TLS tests
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "system packages present: dcmtk, orthanc, dicom3tools, chromium"
   exit 0

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from sqlalchemy.orm import Session
 
+from pacs_bridge import failpoints
 from pacs_bridge.health import Health
 from pacs_bridge.pipeline.queue import ClaimedJob, LeaseLost, RetryPolicy, claim, complete, fail, renew
 from pacs_bridge.store.db import Database
@@ -72,6 +73,8 @@ def run_job(
         with db.session() as session:
             work(session)
             complete(session, job)
+            failpoints.hit(f"{job.kind.value}.before-commit")
+        failpoints.hit(f"{job.kind.value}.after-commit")
         return True
     except LeaseLost as exc:
         LOGGER.warning("%s; its outcome was not recorded (another worker owns it now)", exc)

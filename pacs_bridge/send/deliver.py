@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from pacs_bridge import failpoints
 from pacs_bridge.config import DestinationSettings, Settings
 from pacs_bridge.errors import PermanentError, TransientError
 from pacs_bridge.pipeline.analysis import mark_study_failed
@@ -184,12 +185,14 @@ class DeliverStage:
         for item, result in zip(present, results, strict=True):
             what = f"{item.kind} {item.sop_instance_uid} of study {item.study_uid} to {name}"
             if result.ok:
-                with self.db.session() as session:
-                    try:
+                try:
+                    with self.db.session() as session:
                         complete(session, item.job, note=None)
-                    except Exception as exc:
-                        LOGGER.warning("delivered %s, but: %s", what, describe(exc))
-                        continue
+                        failpoints.hit("deliver.before-commit")
+                except Exception as exc:
+                    LOGGER.warning("delivered %s, but: %s", what, describe(exc))
+                    continue
+                failpoints.hit("deliver.after-commit")
                 done += 1
                 LOGGER.info("delivered %s (%s)", what, result.describe())
                 continue

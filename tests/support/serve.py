@@ -49,8 +49,18 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 class ServeProcess:
     """A ``pacs-bridge serve`` subprocess with its own data folder and port."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any] | None = None, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any] | None = None,
+        *,
+        port: int | None = None,
+        command: tuple[str, ...] = ("serve",),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.command = command
+        self.env = env
         self.port = port or free_port()
         self.data_dir = workdir / "data"
         base: dict[str, Any] = {
@@ -79,10 +89,11 @@ class ServeProcess:
         self._log_handle = open(self.log_path, "ab")
         offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacs_bridge.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "pacs_bridge.cli", *self.command, "--config", str(self.config_path)],
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
+            env={**os.environ, **self.env} if self.env else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -109,6 +120,15 @@ class ServeProcess:
                 code = self.proc.wait()
         elif self.proc is not None:
             code = self.proc.returncode
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        return code
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """Wait for the process to end by itself; its exit status (negative: killed by that signal)."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None

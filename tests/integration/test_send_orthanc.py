@@ -32,10 +32,10 @@ from pacs_bridge.store.models import (
     Study,
     StudyState,
 )
-from tests.support.pipeline import jobs_of_kind, queue_job, run_round
 from tests.support.dicom_files import make_radiograph
 from tests.support.orthanc import OrthancServer, free_port, orthanc_available
 from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
+from tests.support.pipeline import jobs_of_kind, queue_job, run_round
 
 pytestmark = [
     pytest.mark.orthanc,

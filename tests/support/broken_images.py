@@ -19,7 +19,7 @@ __all__ = ["decoder_panic_rle"]
 def _panics(ds: Dataset) -> bool:
     try:
         ds.pixel_array  # noqa: B018 - decoding is the point
-    except BaseException as exc:  # noqa: BLE001 - PanicException is a BaseException
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         return type(exc).__name__ == "PanicException"

@@ -57,13 +57,15 @@ class Failure(enum.StrEnum):
 def dimse_failure(status: int) -> Failure:
     """Classify a failed C-STORE status (PS3.4 B.2.3, PS3.7 Annex C).
 
-    0xA7xx (refused: out of resources), 0xA9xx (data set does not match the
-    SOP class), 0xCxxx (cannot understand) and the general failures 0x0117
-    (invalid SOP instance), 0x0122 (SOP class not supported), 0x0124 (not
-    authorised), 0x0211 (unrecognised operation) are permanent; the rest
-    (0x0110 processing failure, 0x0213 resource limitation, ...) transient.
+    0xA9xx (data set does not match the SOP class), 0xCxxx (cannot
+    understand) and the general failures 0x0117 (invalid SOP instance),
+    0x0122 (SOP class not supported), 0x0124 (not authorised), 0x0211
+    (unrecognised operation) are permanent; the rest transient: 0xA7xx
+    (refused: out of resources, e.g. the PACS's disk is full, which its
+    administrator fixes), 0x0110 processing failure, 0x0213 resource
+    limitation, ...
     """
-    if status & 0xFF00 in (0xA700, 0xA900) or status & 0xF000 == 0xC000 or status in _PERMANENT_FAILURES:
+    if status & 0xFF00 == 0xA900 or status & 0xF000 == 0xC000 or status in _PERMANENT_FAILURES:
         return Failure.PERMANENT
     return Failure.TRANSIENT
 

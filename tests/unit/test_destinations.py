@@ -127,8 +127,8 @@ def test_accepts_by_kind() -> None:
 @pytest.mark.parametrize(
     ("status", "failure"),
     [
-        (0xA700, Failure.PERMANENT),
-        (0xA7FF, Failure.PERMANENT),
+        (0xA700, Failure.TRANSIENT),
+        (0xA7FF, Failure.TRANSIENT),
         (0xA900, Failure.PERMANENT),
         (0xC000, Failure.PERMANENT),
         (0xC211, Failure.PERMANENT),

@@ -164,8 +164,8 @@ def _move_boxes(boxes: Boxes, matrix: npt.NDArray[np.float64], size: int) -> Box
     out = np.concatenate([moved.min(axis=1), moved.max(axis=1)], axis=1)
     centre = (out[:, :2] + out[:, 2:]) / 2.0
     keep = (centre >= 0).all(axis=1) & (centre < size).all(axis=1)
-    out = np.clip(out[keep], 0, size)
-    return out.astype(np.float32)
+    fitted: Boxes = np.clip(out[keep], 0, size).astype(np.float32)
+    return fitted
 
 
 def augment_with_boxes(
@@ -195,8 +195,11 @@ def augment_with_boxes(
     rot[0, 2] += rng.uniform(-cfg.shift, cfg.shift) * size
     rot[1, 2] += rng.uniform(-cfg.shift, cfg.shift) * size
     matrix = rot @ np.vstack([matrix, [0, 0, 1]])
-    out = cv2.warpAffine(
-        out, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
+    out = np.asarray(
+        cv2.warpAffine(
+            out, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
+        ),
+        dtype=np.float32,
     )
     moved = _move_boxes(boxes, matrix, size)
     if cfg.gamma:
@@ -211,7 +214,8 @@ def augment_with_boxes(
     if cfg.jpeg and rng.random() < cfg.jpeg:
         quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
         ok, encoded = cv2.imencode(".jpg", (out * 255.0 + 0.5).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if ok:
-            out = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32) / np.float32(255.0)
+        decoded = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE) if ok else None
+        if decoded is not None:
+            out = decoded.astype(np.float32) / np.float32(255.0)
     result = np.repeat(out[:, :, None], channels, axis=2) if channels > 1 else out[:, :, None]
     return np.ascontiguousarray(result, dtype=np.float32), moved

@@ -154,6 +154,9 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--parity-images", type=int, default=16)
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.add_argument("--no-keras", action="store_true", help="do not copy model.keras into the model folder")
+    p.add_argument(
+        "--min-box-score", type=float, default=0.2, help="centre heatmaps: least peak value that gives a box"
+    )
     args = p.parse_args(argv)
     _setup_logging()
     from trainer.data import DatasetError
@@ -169,6 +172,7 @@ def export_main(argv: list[str]) -> int:
             parity_images=args.parity_images,
             tolerance=args.tolerance,
             keep_keras=not args.no_keras,
+            min_box_score=args.min_box_score,
         )
     except (ExportError, DatasetError) as exc:
         LOGGER.error("export failed: %s", exc)
@@ -187,6 +191,9 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--min-sensitivity", type=float, default=0.90, help="threshold rule on the validation split")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--no-update-manifest", action="store_true", help="do not write threshold/metrics to model.json")
+    p.add_argument(
+        "--compare", type=Path, default=None, help="another model folder: paired DeLong test on the same test images"
+    )
     args = p.parse_args(argv)
     _setup_logging()
     from trainer.data import DatasetError
@@ -203,6 +210,7 @@ def evaluate_main(argv: list[str]) -> int:
             n_bootstrap=args.bootstrap,
             update_manifest=not args.no_update_manifest,
             command=_command("evaluate", argv),
+            compare=args.compare,
         )
     except DatasetError as exc:
         LOGGER.error("dataset error: %s", exc)

@@ -11,9 +11,14 @@ is used directly with the same inputs.
 Steps: choose the decision threshold on the validation split (highest
 threshold with validation sensitivity >= ``min_sensitivity``), compute the
 test-split metrics with bootstrap 95% intervals, per body region, the
-localisation check of the heatmap against the fracture boxes, write PNG
-plots, ``metrics.json`` and ``report.md``, and (optionally) record the
-threshold and metrics in ``model.json``.
+localisation of the boxes and peaks the service would report (the same
+functions: :func:`pacs_bridge.inference.boxes.centre_boxes` for ``centre``
+heatmaps, :func:`pacs_bridge.inference.heatmap.locate` for ``cam`` ones)
+against the fracture boxes, write PNG plots, ``metrics.json`` and
+``report.md``, and (optionally) record the threshold and metrics in
+``model.json``. With ``compare`` (another model folder), both models run on
+the same test images and their ROC AUCs are compared with DeLong's test and
+a paired bootstrap.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ from trainer.metrics import (
     binary_metrics,
     bootstrap_ci,
     box_area_fraction,
+    box_iou,
     choose_threshold,
-    peak_in_boxes,
+    delong_test,
+    paired_bootstrap_auc,
+    point_in_boxes,
 )
 from trainer.plots import (
     plot_calibration,
@@ -51,7 +59,12 @@ from trainer.plots import (
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["Predictions", "evaluate", "predict_records"]
+__all__ = ["Predictions", "compare_models", "evaluate", "locate_findings", "predict_records"]
+
+BOX_THRESHOLD = 0.7
+"""``[analysis] box_threshold`` default: how the service outlines a ``cam`` heatmap."""
+PEAK_MARGIN = 0.10
+"""A peak counts as inside a fracture box within this share of the image's shorter side."""
 
 
 @dataclass
@@ -81,10 +94,14 @@ class _Runner:
             from pacs_bridge.inference.model import load_model as loader
         except ImportError:
             loader = None
+        self.kind = "cam"
+        self.localisation: Any = None
         if loader is not None:
             self.model: Any = loader(model_dir, providers="cpu")
             self.spec: PreprocessSpec = self.model.manifest.preprocessing
             self.manifest: dict[str, Any] = dict(self.model.manifest.raw)
+            self.kind = self.model.manifest.outputs.heatmap_kind
+            self.localisation = self.model.manifest.localisation
             return
         import onnxruntime as ort
 
@@ -161,28 +178,74 @@ def _body_part_accuracy(pred: Predictions) -> dict[str, Any] | None:
     return {"n_single_region": len(single), "accuracy": float(np.mean(truth == guess))}
 
 
-def _localisation(pred: Predictions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    hits: list[bool] = []
-    chance: list[float] = []
+def locate_findings(
+    runner: _Runner, pred: Predictions
+) -> tuple[list[list[tuple[tuple[int, int, int, int], float]]], list[tuple[int, int] | None]]:
+    """The boxes (with scores) and peak the service would report for every prediction."""
+    from pacs_bridge.inference.boxes import centre_boxes
+    from pacs_bridge.inference.heatmap import locate
+
+    all_boxes: list[list[tuple[tuple[int, int, int, int], float]]] = []
+    peaks: list[tuple[int, int] | None] = []
+    for i, heat in enumerate(pred.heatmaps):
+        if runner.kind == "centre":
+            found = centre_boxes(heat, pred.letterboxes[i], runner.localisation)
+            all_boxes.append(found.boxes)
+            peaks.append(found.peak)
+        else:
+            located = locate(heat, pred.letterboxes[i], BOX_THRESHOLD)
+            box = located.box
+            all_boxes.append([] if box is None else [((box[0], box[1], box[2], box[3]), float(pred.probability[i]))])
+            peaks.append(located.peak)
+    return all_boxes, peaks
+
+
+def _localisation(runner: _Runner, pred: Predictions, threshold: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Peak-in-box (10 % margin), top-box area and IoU on fractured images with boxes; boxes on negatives."""
     examples: list[dict[str, Any]] = []
     if not pred.heatmaps:
         return {"available": False}, examples
+    boxes, peaks = locate_findings(runner, pred)
+    hits: list[bool] = []
+    strict_hits: list[bool] = []
+    chance: list[float] = []
+    areas: list[float] = []
+    ious: list[float] = []
+    pointed: list[bool] = []
+    negatives_with_box: list[bool] = []
+    negatives_flagged_with_box: list[bool] = []
     order = np.argsort(-pred.probability)
-    for index in order:
-        rec = pred.records[int(index)]
-        if rec.label != 1 or not rec.boxes:
+    for index in (int(i) for i in order):
+        rec = pred.records[index]
+        rows, cols = pred.letterboxes[index].shape
+        if rec.label == 0:
+            negatives_with_box.append(bool(boxes[index]))
+            if pred.probability[index] >= threshold:
+                negatives_flagged_with_box.append(bool(boxes[index]))
             continue
-        full = to_original(pred.heatmaps[int(index)], pred.letterboxes[int(index)])
-        hit = peak_in_boxes(full, rec.boxes)
+        if not rec.boxes:
+            continue
+        peak = peaks[index]
+        pointed.append(peak is not None)
+        hit = peak is not None and point_in_boxes(peak, rec.boxes, PEAK_MARGIN * min(rows, cols))
         hits.append(hit)
-        chance.append(box_area_fraction(full.shape, rec.boxes))
+        strict_hits.append(peak is not None and point_in_boxes(peak, rec.boxes))
+        chance.append(box_area_fraction((rows, cols), rec.boxes))
+        if boxes[index]:
+            top = boxes[index][0][0]
+            areas.append((top[2] - top[0]) * (top[3] - top[1]) / float(rows * cols))
+            ious.append(max(box_iou(top, b) for b in rec.boxes))
+        else:
+            ious.append(0.0)
         if len(examples) < 4 and (hit or len(examples) >= 2):
             examples.append(
                 {
                     "image": load_display_image(rec.path),
-                    "heatmap": full,
+                    "heatmap": to_original(pred.heatmaps[index], pred.letterboxes[index]),
                     "boxes": rec.boxes,
-                    "probability": float(pred.probability[int(index)]),
+                    "pred_boxes": [b for b, _ in boxes[index]],
+                    "peak": peak,
+                    "probability": float(pred.probability[index]),
                     "title": f"{rec.image_id} ({'hit' if hit else 'miss'})",
                 }
             )
@@ -190,10 +253,30 @@ def _localisation(pred: Predictions) -> tuple[dict[str, Any], list[dict[str, Any
         return {"available": True, "n": 0}, examples
     return {
         "available": True,
+        "kind": runner.kind,
         "n": len(hits),
         "peak_in_box_rate": float(np.mean(hits)),
+        "peak_in_box_margin": PEAK_MARGIN,
+        "peak_in_box_strict_rate": float(np.mean(strict_hits)),
+        "pointed_rate": float(np.mean(pointed)),
         "random_point_rate": float(np.mean(chance)),
+        "top_box_area_median": float(np.median(areas)) if areas else None,
+        "top_box_iou_mean": float(np.mean(ious)),
+        "top_box_iou_median": float(np.median(ious)),
+        "negatives_with_box_rate": float(np.mean(negatives_with_box)) if negatives_with_box else None,
+        "flagged_negatives_with_box_rate": (
+            float(np.mean(negatives_flagged_with_box)) if negatives_flagged_with_box else None
+        ),
     }, examples
+
+
+def compare_models(
+    labels: npt.NDArray[Any], scores: npt.NDArray[Any], other: npt.NDArray[Any], n_bootstrap: int, seed: int
+) -> dict[str, Any]:
+    """DeLong's test and a paired bootstrap of ``AUC(this) - AUC(other)`` on the same images."""
+    result: dict[str, Any] = dict(delong_test(labels, scores, other))
+    result.update(paired_bootstrap_auc(labels, scores, other, n_resamples=n_bootstrap, seed=seed))
+    return result
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -258,13 +341,49 @@ def _report(summary: dict[str, Any], plots: dict[str, str]) -> str:
     loc = summary["localisation"]
     lines += ["", "## Localisation (test split)", ""]
     if loc.get("n"):
-        lines.append(
-            f"Of {loc['n']} fractured test images with boxes, the heatmap peak (mapped back to the image with "
-            f"`to_original`) falls inside a fracture box in **{_fmt(loc['peak_in_box_rate'])}**; a uniformly random "
-            f"point would land in a box in {_fmt(loc['random_point_rate'])} of cases on average (box area share)."
-        )
+        lines += [
+            f"On {loc['n']} fractured test images with fracture boxes, with the boxes and peak the service reports "
+            f"(`{loc['kind']}` heatmap):",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| peak inside a fracture box (margin {loc['peak_in_box_margin']:.0%} of the shorter side) | "
+            f"**{_fmt(loc['peak_in_box_rate'])}** |",
+            f"| peak inside a fracture box (no margin) | {_fmt(loc['peak_in_box_strict_rate'])} |",
+            f"| a uniformly random point inside a box (area share) | {_fmt(loc['random_point_rate'])} |",
+            f"| images with a peak at all | {_fmt(loc['pointed_rate'])} |",
+            f"| median area of the top box (share of the image) | {_fmt(loc['top_box_area_median'])} |",
+            f"| IoU of the top box with the nearest fracture box: mean / median | {_fmt(loc['top_box_iou_mean'])} / "
+            f"{_fmt(loc['top_box_iou_median'])} |",
+            f"| non-fractured test images with any box | {_fmt(loc['negatives_with_box_rate'])} |",
+            f"| false positives (at the threshold) with a box | {_fmt(loc['flagged_negatives_with_box_rate'])} |",
+        ]
     else:
         lines.append("No heatmap output or no boxes; not measured.")
+    comparison = summary.get("comparison")
+    if comparison:
+        lines += [
+            "",
+            f"## Compared with {comparison['other']} (same test images)",
+            "",
+            f"ROC AUC {_fmt(comparison['auc_a'])} against {_fmt(comparison['auc_b'])}: difference "
+            f"{comparison['difference']:+.3f} (paired bootstrap 95% CI {comparison['difference_ci95'][0]:+.3f} to "
+            f"{comparison['difference_ci95'][1]:+.3f}); DeLong z = {comparison['z']:.2f}, "
+            f"two-sided p = {comparison['p_value']:.4f}.",
+        ]
+        other_loc = comparison.get("localisation") or {}
+        if other_loc.get("n"):
+            lines.append(
+                f"Its peak lands in a box (same margin) in {_fmt(other_loc['peak_in_box_rate'])}, its top box "
+                f"covers {_fmt(other_loc['top_box_area_median'])} of the image (median), "
+                f"IoU {_fmt(other_loc['top_box_iou_mean'])}."
+            )
+        if comparison.get("at_threshold"):
+            m = comparison["at_threshold"]
+            lines.append(
+                f"At its own manifest threshold ({m['threshold']:.4f}) on these images: sensitivity "
+                f"{_fmt(m['sensitivity'])}, specificity {_fmt(m['specificity'])}."
+            )
     lines += ["", "## Plots", ""]
     for title, file_name in plots.items():
         lines.append(f"![{title}]({file_name})")
@@ -283,6 +402,7 @@ def evaluate(
     update_manifest: bool = True,
     command: str = "",
     seed: int = 0,
+    compare: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model folder; returns the summary written to ``metrics.json``."""
     started = time.monotonic()
@@ -304,7 +424,7 @@ def evaluate(
     ci = bootstrap_ci(test.labels, test.probability, threshold, n_resamples=n_bootstrap, seed=seed)
     from sklearn.metrics import average_precision_score
 
-    loc, examples = _localisation(test)
+    loc, examples = _localisation(runner, test, threshold)
     summary: dict[str, Any] = {
         "model": {k: runner.manifest.get(k) for k in ("name", "version", "onnx_file", "sha256")},
         "backend": runner.backend,
@@ -319,6 +439,27 @@ def evaluate(
         "body_part": _body_part_accuracy(test),
         "localisation": loc,
     }
+    if compare is not None:
+        other = _Runner(Path(compare))
+        other_test = predict_records(other, splits["test"])
+        comparison = compare_models(test.labels, test.probability, other_test.probability, n_bootstrap, seed)
+        other_threshold = float(other.manifest.get("threshold", 0.5))
+        other_at = binary_metrics(test.labels, other_test.probability, other_threshold)
+        comparison.update(
+            {
+                "other": f"{other.manifest.get('name')} {other.manifest.get('version')}",
+                "localisation": _localisation(other, other_test, other_threshold)[0],
+                "at_threshold": {k: other_at[k] for k in ("threshold", "sensitivity", "specificity", "roc_auc")},
+            }
+        )
+        summary["comparison"] = comparison
+        LOGGER.info(
+            "against %s: AUC %.3f vs %.3f, DeLong p %.4f",
+            comparison["other"],
+            comparison["auc_a"],
+            comparison["auc_b"],
+            comparison["p_value"],
+        )
 
     plots: dict[str, str] = {}
     op = (1.0 - test_metrics["specificity"], test_metrics["sensitivity"])
@@ -365,7 +506,10 @@ def evaluate(
                 "positives": test_metrics["positives"],
                 "confusion_matrix": test_metrics["confusion_matrix"],
                 "localisation_peak_in_box": loc.get("peak_in_box_rate"),
+                "localisation_peak_in_box_margin": loc.get("peak_in_box_margin"),
                 "localisation_random_point": loc.get("random_point_rate"),
+                "localisation_top_box_area_median": loc.get("top_box_area_median"),
+                "localisation_top_box_iou_mean": loc.get("top_box_iou_mean"),
             },
             "validation": {k: val_metrics[k] for k in ("roc_auc", "sensitivity", "specificity", "n", "positives")},
             "report": "report.md",

@@ -37,7 +37,7 @@ __all__ = ["OUTPUT_NAMES", "ExportError", "build_manifest", "convert", "export",
 INPUT_NAME = "image"
 OUTPUT_NAMES: tuple[str, ...] = ("probability", "heatmap", "body_part")
 OPSET = 17
-_COPIED = ("splits.csv", "history.csv", "training.json", "LICENSE-AND-CITATION.txt")
+_COPIED = ("splits.csv", "history.csv", "training.json", "duplicates.json", "LICENSE-AND-CITATION.txt")
 
 
 class ExportError(RuntimeError):
@@ -123,8 +123,25 @@ def build_manifest(
     metrics: dict[str, Any] | None = None,
     has_heatmap: bool = True,
     has_body_part: bool = True,
+    heatmap_kind: str = "cam",
+    localisation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``model.json`` content, as documented in ``docs/model-manifest.md``."""
+    """The ``model.json`` content, as documented in ``docs/model-manifest.md``.
+
+    ``heatmap_kind="centre"`` (the heatnet) also records independent
+    body-region sigmoids and the ``localisation`` block that the service reads
+    boxes with (:mod:`pacs_bridge.inference.boxes`).
+    """
+    outputs: dict[str, Any] = {
+        "probability": "probability",
+        "heatmap": "heatmap" if has_heatmap else None,
+        "body_part": "body_part" if has_body_part else None,
+    }
+    extra: dict[str, Any] = {}
+    if heatmap_kind == "centre":
+        outputs["heatmap_kind"] = "centre"
+        outputs["body_part_activation"] = "sigmoid"
+        extra["localisation"] = localisation or {"min_score": 0.2, "extent": 0.5, "max_boxes": 3}
     return {
         "schema_version": 1,
         "name": name,
@@ -140,11 +157,8 @@ def build_manifest(
             "dtype": "float32",
         },
         "preprocessing": spec.to_manifest(),
-        "outputs": {
-            "probability": "probability",
-            "heatmap": "heatmap" if has_heatmap else None,
-            "body_part": "body_part" if has_body_part else None,
-        },
+        "outputs": outputs,
+        **extra,
         "labels": {"positive": "fracture", "body_parts": list(BODY_PARTS)},
         "threshold": float(threshold),
         "threshold_rule": threshold_rule,
@@ -169,6 +183,9 @@ def _training_block(record: dict[str, Any]) -> dict[str, Any]:
             "hardware": f"CPU, {record.get('threads')} thread(s)",
         }
     )
+    if config.get("arch") == "heatnet":
+        block["fusion_weight"] = record.get("fusion_weight")
+        block["fusion_val_auc"] = record.get("fusion_val_auc")
     return block
 
 
@@ -182,6 +199,7 @@ def export(
     parity_images: int = 16,
     tolerance: float = 1e-4,
     keep_keras: bool = True,
+    min_box_score: float = 0.2,
 ) -> Path:
     """Export a training run folder into a model folder; returns the manifest path."""
     import keras
@@ -214,8 +232,16 @@ def export(
         shutil.copyfile(keras_path, out_dir / "model.keras")
     training = _training_block(record)
     training["parity_max_abs_diff"] = max(diffs.values())
+    centre = record["config"].get("arch") == "heatnet"
     manifest = build_manifest(
-        name=name, version=version, onnx_file="model.onnx", sha256=sha256_file(onnx_path), spec=spec, training=training
+        name=name,
+        version=version,
+        onnx_file="model.onnx",
+        sha256=sha256_file(onnx_path),
+        spec=spec,
+        training=training,
+        heatmap_kind="centre" if centre else "cam",
+        localisation={"min_score": min_box_score, "extent": 0.5, "max_boxes": 3} if centre else None,
     )
     manifest_path = out_dir / "model.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}

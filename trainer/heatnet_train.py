@@ -112,6 +112,7 @@ def _make_batches(data: ByteTensors, config: Any, augment: RadiographAugment | N
     labels = data.labels
     flags = data.body_flags
     n = len(labels)
+    batch = int(config.batch_size)
     n_pos = float(labels.sum())
     class_weight = {1: n / (2.0 * max(n_pos, 1.0)), 0: n / (2.0 * max(n - n_pos, 1.0))}
     sw_cls = np.where(labels[:, 0] > 0.5, class_weight[1], class_weight[0]).astype(np.float32)
@@ -123,19 +124,23 @@ def _make_batches(data: ByteTensors, config: Any, augment: RadiographAugment | N
         """Shuffled, augmented batches with heatmap targets built after augmentation."""
 
         def __init__(self) -> None:
-            super().__init__(workers=1, use_multiprocessing=False)
+            # Two threads: augmenting the next batch (OpenCV/numpy release the GIL) overlaps the training step.
+            super().__init__(workers=2, use_multiprocessing=False)
+            self.seed = config.seed
             self.rng = np.random.default_rng(config.seed)
             self.order = self.rng.permutation(n)
 
         def __len__(self) -> int:
-            return math.ceil(n / config.batch_size)
+            return math.ceil(n / batch)
 
         def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
-            idx = np.sort(self.order[index * config.batch_size : (index + 1) * config.batch_size])
+            idx = np.sort(self.order[index * batch : (index + 1) * batch])
             images = data.floats(idx)
             boxes = [data.boxes[i] for i in idx]
             if augment is not None:
-                pairs = [augment_with_boxes(img, b, self.rng, augment) for img, b in zip(images, boxes, strict=True)]
+                # One generator per batch (seeded by epoch order and index): reproducible whatever thread runs it.
+                rng = np.random.default_rng([self.seed, int(self.order[0]), index])
+                pairs = [augment_with_boxes(img, b, rng, augment) for img, b in zip(images, boxes, strict=True)]
                 images = np.stack([p[0] for p in pairs])
                 boxes = [p[1] for p in pairs]
             heat, heat_weight = _targets(data, idx, size, boxes)

@@ -124,7 +124,7 @@ def build_models(cfg: NetConfig):  # type: ignore[no-untyped-def]
 
 
 def _heatnet_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
-    """Cheap stem (two stride-2 convolutions: 1/4), then stages at 1/8, 1/16, 1/32 with residual blocks."""
+    """Cheap stem (one stride-4 convolution: 1/4), then stages at 1/8, 1/16, 1/32 with residual blocks."""
     from keras import layers
 
     def conv(x, filters: int, stride: int = 1, name: str = "", relu: bool = True):  # type: ignore[no-untyped-def]
@@ -138,8 +138,10 @@ def _heatnet_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
         return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([x, y]))
 
     w = cfg.width
-    x = conv(inputs, 16, stride=2, name="stem1")
-    x = conv(x, w, stride=2, name="stem2")
+    # Stem: a 4 x 4 convolution with stride 4 (space-to-depth followed by a 1 x 1 mix), so nothing runs at 1/2.
+    x = layers.Conv2D(w, 4, strides=4, padding="valid", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
     c3 = conv(conv(x, 2 * w, stride=2, name="s1down"), 2 * w, name="s1a")
     c4 = residual(conv(c3, 4 * w, stride=2, name="s2down"), 4 * w, name="s2r")
     c5 = residual(conv(c4, 8 * w, stride=2, name="s3down"), 8 * w, name="s3r")

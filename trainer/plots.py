@@ -141,12 +141,26 @@ def plot_training_curves(history_csv: Path, path: Path) -> Path | None:
         return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for name, label in (("probability_loss", "train"), ("val_probability_loss", "validation")):
+    # 1.x logs "probability_*"; the heatnet logs "classifier_*" and "heatmap_loss" (focal loss).
+    curves = (
+        ("probability_loss", "train"),
+        ("val_probability_loss", "validation"),
+        ("classifier_loss", "train, classifier"),
+        ("val_classifier_loss", "validation, classifier"),
+        ("heatmap_loss", "train, heatmap (focal)"),
+        ("val_heatmap_loss", "validation, heatmap (focal)"),
+    )
+    for name, label in curves:
         if name in rows[0]:
             left.plot(epochs, col(name), label=label)
-    left.set(xlabel="epoch", ylabel="fracture loss (BCE)", title="Loss")
-    left.legend(fontsize=8)
-    for name, label in (("probability_auc", "train"), ("val_probability_auc", "validation")):
+    left.set(xlabel="epoch", ylabel="loss", title="Loss")
+    left.legend(fontsize=7)
+    for name, label in (
+        ("probability_auc", "train"),
+        ("val_probability_auc", "validation"),
+        ("classifier_auc", "train"),
+        ("val_classifier_auc", "validation (EMA weights)"),
+    ):
         if name in rows[0]:
             right.plot(epochs, col(name), label=label)
     right.set(xlabel="epoch", ylabel="ROC AUC", title="Fracture AUC")
@@ -155,7 +169,7 @@ def plot_training_curves(history_csv: Path, path: Path) -> Path | None:
 
 
 def plot_heatmaps(examples: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Image, ground-truth boxes, heatmap overlay and its peak for a few examples."""
+    """Image, ground-truth boxes (green), predicted boxes (red, dashed), heatmap overlay and peak (red x)."""
     if not examples:
         return None
     plt = _pyplot()
@@ -167,8 +181,16 @@ def plot_heatmaps(examples: Sequence[dict[str, Any]], path: Path) -> Path | None
         ax.imshow(ex["heatmap"], cmap="jet", alpha=0.35)
         for b in ex["boxes"]:
             ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, edgecolor="lime", linewidth=1.5))
-        row, col = np.unravel_index(int(np.argmax(ex["heatmap"])), ex["heatmap"].shape)
-        ax.plot(col, row, "x", color="red", markersize=10, markeredgewidth=2)
+        for b in ex.get("pred_boxes") or []:
+            ax.add_patch(
+                Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, edgecolor="red", linewidth=1.2, ls="--")
+            )
+        if "peak" in ex:
+            if ex["peak"] is not None:
+                ax.plot(ex["peak"][0], ex["peak"][1], "x", color="red", markersize=10, markeredgewidth=2)
+        else:
+            row, col = np.unravel_index(int(np.argmax(ex["heatmap"])), ex["heatmap"].shape)
+            ax.plot(col, row, "x", color="red", markersize=10, markeredgewidth=2)
         ax.set_title(f"{ex['title']}\np={ex['probability']:.2f}", fontsize=8)
         ax.axis("off")
     return _save(fig, path)

@@ -87,6 +87,42 @@ def test_train_export_evaluate(tmp_path: Path) -> None:
     assert out["body_part"].shape == (2, 4)
 
 
+def test_heatnet_grouped_train_export_evaluate(tmp_path: Path) -> None:
+    """The 2.x recipe: grouped split, heatmap, classifier, sigmoid regions, ONNX parity, centre boxes in the service."""
+    run = tmp_path / "run"
+    model_dir = tmp_path / "model"
+    argv = ["--data", str(DATA), "--out", str(run), "--limit", str(LIMIT), "--arch", "heatnet", "--grouped"]
+    argv += ["--size", "64", "--width", "8", "--epochs", "1", "--batch-size", "8", "--threads", "2", "--verbose", "0"]
+    assert train_main(argv) == 0
+    header = (run / "splits.csv").read_text().splitlines()[0]
+    assert header == "image_id,split,label,seed,group,fold"
+    record = json.loads((run / "training.json").read_text())
+    assert record["config"]["arch"] == "heatnet" and record["fusion_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert set(record["fusion_val_auc"]) == {"0.00", "0.25", "0.50", "0.75", "1.00"}
+
+    assert export_main(["--run", str(run), "--out", str(model_dir), "--parity-images", "4", "--version", "2.0.0"]) == 0
+    manifest = json.loads((model_dir / "model.json").read_text())
+    assert manifest["outputs"]["heatmap_kind"] == "centre"
+    assert manifest["outputs"]["body_part_activation"] == "sigmoid"
+    assert manifest["localisation"] == {"min_score": 0.2, "extent": 0.5, "max_boxes": 3}
+    assert manifest["training"]["parity_max_abs_diff"] <= 1e-4
+
+    assert evaluate_main(["--model", str(model_dir), "--data", str(DATA), "--bootstrap", "20"]) == 0
+    summary = json.loads((model_dir / "metrics.json").read_text())
+    assert summary["localisation"]["available"] is True
+
+    analyse = pytest.importorskip("pacs_bridge.inference.analyse")
+    model_mod = pytest.importorskip("pacs_bridge.inference.model")
+    model = model_mod.load_model(model_dir, providers="cpu")
+    out = model.predict(np.zeros((2, 64, 64, 1), dtype=np.float32))
+    assert out["heatmap"].shape == (2, 8, 8)
+    assert out["body_part"].shape == (2, 4)
+    image = next(p for p in sorted((DATA / "images").rglob("*.jpg")))
+    (finding,) = analyse.Analyser(model).analyse_paths([image])
+    assert isinstance(finding, analyse.ImageFinding)
+    assert finding.box == (list(finding.boxes[0][0]) if finding.boxes else None)
+
+
 def test_bad_dataset_fails_before_training(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     (root / "train" / "fractured").mkdir(parents=True)

@@ -83,15 +83,15 @@ def test_wheel_has_no_top_level_trainer(wheel_names: set[str]) -> None:
     assert "pacs_bridge_trainer/cli.py" in wheel_names
 
 
-def test_wheel_holds_every_module_of_the_checkout(wheel_names: set[str]) -> None:
-    """A new subpackage must also be listed in pyproject.toml's [tool.setuptools] packages."""
+def test_wheel_holds_every_file_of_the_checkout(wheel_names: set[str]) -> None:
+    """Modules, migrations, templates: a new subpackage or data folder must also be named in pyproject.toml."""
     expected: set[str] = set()
     for folder, installed in (("pacs_bridge", "pacs_bridge"), ("trainer", "pacs_bridge_trainer")):
-        for path in (REPO_ROOT / folder).rglob("*.py"):
-            if "__pycache__" not in path.parts:
+        for path in (REPO_ROOT / folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                 expected.add(f"{installed}/{path.relative_to(REPO_ROOT / folder).as_posix()}")
     missing = sorted(expected - wheel_names)
-    assert not missing, f"not in the wheel (add the package to pyproject.toml): {missing}"
+    assert not missing, f"not in the wheel (name the package or its data in pyproject.toml): {missing}"
 
 
 @pytest.fixture(scope="module")

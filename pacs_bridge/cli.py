@@ -108,8 +108,8 @@ def _missing_extra_message(exc: ImportError) -> str | None:
 
 
 def _check_analysis(settings: Settings) -> None:
-    """With analysis on, ONNX Runtime must import and the model folder must hold a valid model."""
-    if not settings.analysis.enabled:
+    """With analysis on in this node's roles, ONNX Runtime must import and the model folder must hold a valid model."""
+    if not settings.analysis.enabled or "analyse" not in settings.queue.roles:
         return
     try:
         import onnxruntime  # noqa: F401

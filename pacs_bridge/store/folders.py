@@ -49,11 +49,14 @@ def sqlite_database_path(url: str) -> Path | None:
 
 
 def data_folders(settings: Settings) -> list[tuple[str, Path]]:
-    """Every folder that ``serve`` writes, each with the setting it comes from, in the order they are checked."""
+    """Every folder that ``serve`` writes, each with the setting it comes from, in the order they are checked.
+
+    The watched inbox and ``failed/`` belong to the ``receive`` role; other nodes do not need them.
+    """
     data_dir = settings.storage.data_dir
     folders = [("[storage] data_dir", data_dir)]
     folders += [(f"[storage] data_dir {name}/", data_dir / name) for name in ("spool", "tmp", "outputs", "heatmaps")]
-    if settings.watch.enabled:
+    if settings.watch.enabled and "receive" in settings.queue.roles:
         folders.append(("[storage] data_dir failed/", data_dir / "failed"))
         folders.append(("[watch] inbox", Path(settings.inbox)))
     database = sqlite_database_path(settings.storage.resolved_database_url())

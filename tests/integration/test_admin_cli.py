@@ -11,8 +11,10 @@ traceback.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,29 @@ def test_config_show_masks_every_secret(tmp_path: Path) -> None:
     assert 'database_url = "postgresql+psycopg://bridge:********@db.example.org:5432/bridge"' in proc.stdout
     assert proc.stdout.count('"********"') >= 3
     assert 'username = "bridge"' in proc.stdout
+
+
+def test_a_receive_only_node_needs_no_onnx_runtime(tmp_path: Path) -> None:
+    """Only nodes with the analyse role check for ONNX Runtime and the model."""
+    config = _write_config(tmp_path / "site.toml", _site(tmp_path, analysis={"enabled": True}))
+    assert run_cli("migrate", "--config", str(config)).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WITHOUT_ONNXRUNTIME, "serve", "--config", str(config), "--roles", "receive"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "pacs-bridge ready" not in log.read_text(errors="replace"):
+                assert proc.poll() is None, log.read_text(errors="replace")
+                assert time.monotonic() < deadline, log.read_text(errors="replace")
+                time.sleep(0.2)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+    assert code == 0, log.read_text(errors="replace")

@@ -1,0 +1,118 @@
+"""Hostile and broken DICOM peers on raw sockets, for the hardening tests and benchmarks.
+
+Each builds PS3.8 PDUs by hand (so that they can lie about lengths, trickle
+bytes or stop half-way) and none of them uses pynetdicom's requestor.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Sequence
+
+__all__ = [
+    "associate_rq",
+    "connect",
+    "pdata_header",
+    "raw_file_store",
+    "read_pdu",
+    "set_element_vr",
+]
+
+_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def associate_rq(
+    called: str = "PACS_BRIDGE",
+    calling: str = "HOSTILE",
+    abstract_syntaxes: Sequence[str] = (_VERIFICATION,),
+    transfer_syntaxes: Sequence[str] = (_EXPLICIT_LE, _IMPLICIT_LE),
+    max_length: int = 16384,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) with one presentation context per abstract syntax."""
+    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\x00" * 32
+    body += _item(0x10, _APPLICATION_CONTEXT.encode())
+    for n, abstract in enumerate(abstract_syntaxes):
+        context = struct.pack(">BBBB", (2 * n + 1) % 256, 0, 0, 0) + _item(0x30, abstract.encode())
+        for ts in transfer_syntaxes:
+            context += _item(0x40, ts.encode())
+        body += _item(0x20, context)
+    body += _item(0x50, _item(0x51, struct.pack(">I", max_length)))
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def pdata_header(length: int) -> bytes:
+    """The 6-byte header of a P-DATA-TF PDU announcing ``length`` bytes (PS3.8 9.3.5)."""
+    return struct.pack(">BBI", 0x04, 0, length)
+
+
+def connect(
+    port: int,
+    *,
+    source: str = "127.0.0.1",
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+) -> socket.socket:
+    """A TCP connection from ``source`` (another loopback address counts as another host)."""
+    sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_pdu(sock: socket.socket | ssl.SSLSocket, timeout: float = 10.0) -> tuple[int, bytes] | None:
+    """The next PDU's type and body, or None if the peer closed the connection."""
+    sock.settimeout(timeout)
+    header = b""
+    deadline = time.monotonic() + timeout
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        if not chunk:
+            return None
+        header += chunk
+        if time.monotonic() > deadline:
+            raise TimeoutError("no PDU")
+    pdu_type, _, length = struct.unpack(">BBI", header)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(min(65536, length - len(body)))
+        if not chunk:
+            return None
+        body += chunk
+    return pdu_type, body
+
+
+def set_element_vr(data: bytes, tag: tuple[int, int], vr: bytes) -> bytes:
+    """``data`` (Explicit VR Little Endian) with the VR of the first ``tag`` element replaced by ``vr``.
+
+    Only the two VR bytes change (a short-form VR stays short-form), so the
+    element's length and everything after it are unchanged.
+    """
+    needle = struct.pack("<HH", *tag)
+    found = data.find(needle, 132)
+    while found != -1 and not data[found + 4 : found + 6].isalpha():
+        found = data.find(needle, found + 1)
+    if found == -1:
+        raise ValueError(f"tag {tag} not found")
+    return data[: found + 4] + vr + data[found + 6 :]
+
+
+def raw_file_store(assoc: object, path: str) -> int:
+    """C-STORE the file at ``path`` byte for byte (no re-encoding); the status, -1 for none."""
+    from pynetdicom import _config
+
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)  # type: ignore[attr-defined]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return int(status.Status) if status and "Status" in status else -1

@@ -8,6 +8,7 @@
     pacs-bridge infer     [--model DIR] [--json] PATH...
     pacs-bridge reanalyse [--config FILE] STUDY_UID
     pacs-bridge resend    [--config FILE] STUDY_UID
+    pacs-bridge web-hash-password [--new-token]
     pacs-bridge train | evaluate | export ...   (needs the train extra)
 
 Only this module configures logging handlers. TensorFlow is imported only by
@@ -437,6 +438,31 @@ def _cmd_resend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_web_hash_password(args: argparse.Namespace) -> int:
+    """Print an argon2 hash for [[web.users]] (password from stdin or a prompt), or a new API token."""
+    from pacs_bridge.web.auth import hash_password, hash_token, new_token
+
+    if args.new_token:
+        token = new_token()
+        print(f"token (give it to the script; it is not stored): {token}")
+        print(f'api_tokens entry for [web]: "{hash_token(token)}"')
+        return 0
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("pacs-bridge: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        print("pacs-bridge: a console password needs at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 _TRAINER_PACKAGE = "pacs_bridge_trainer"
 
 
@@ -541,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(resend)
     resend.add_argument("study_uid")
     resend.set_defaults(func=_cmd_resend)
+
+    web_hash = sub.add_parser(
+        "web-hash-password", help="print the password hash of a [[web.users]] entry (or --new-token for scripts)"
+    )
+    web_hash.add_argument("--new-token", action="store_true", help="make an API token and print it with its hash")
+    web_hash.set_defaults(func=_cmd_web_hash_password)
 
     for name, module, function, text in (
         ("infer", "pacs_bridge.inference.infer_cli", "infer_main", "analyse DICOM, PNG or JPEG files"),

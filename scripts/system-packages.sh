@@ -11,6 +11,7 @@ command -v storescu >/dev/null 2>&1 && [ -x /usr/bin/storescu ] || missing+=(dcm
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)  # Selenium drives the web console tests
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # certificates for the DICOM TLS tests
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -eq 0 ]; then

@@ -76,6 +76,14 @@ def server(tmp_path: Path) -> ServeProcess:
         yield srv  # type: ignore[misc]
 
 
+def _send_together(assoc: object, barrier: threading.Barrier, datasets: list[Dataset], statuses: list[int]) -> None:
+    barrier.wait()
+    for ds in datasets:
+        status = assoc.send_c_store(ds)  # type: ignore[attr-defined]
+        statuses.append(int(status.Status) if status else -1)  # list.append is atomic
+    assoc.release()  # type: ignore[attr-defined]
+
+
 def test_same_instance_on_six_associations_at_once_keeps_its_file(server: ServeProcess) -> None:
     """A PACS resending after a timeout: both copies acknowledged, the file of the acknowledged row stays."""
     for _round in range(6):
@@ -84,17 +92,7 @@ def test_same_instance_on_six_associations_at_once_keeps_its_file(server: ServeP
         associations = [associate(server.port) for _ in range(6)]
         barrier = threading.Barrier(len(associations))
         statuses: list[int] = []
-        lock = threading.Lock()
-
-        def send(assoc: object) -> None:
-            barrier.wait()
-            for ds in datasets:
-                status = assoc.send_c_store(ds)  # type: ignore[attr-defined]
-                with lock:
-                    statuses.append(int(status.Status) if status else -1)
-            assoc.release()  # type: ignore[attr-defined]
-
-        threads = [threading.Thread(target=send, args=(a,)) for a in associations]
+        threads = [threading.Thread(target=_send_together, args=(a, barrier, datasets, statuses)) for a in associations]
         for thread in threads:
             thread.start()
         for thread in threads:

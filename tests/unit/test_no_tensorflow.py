@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 from tests.support import fixtures
+from tests.support.imaging_samples import FIXTURE_JPEG
 
 tiny_model_dir = fixtures.tiny_model_dir
 
@@ -49,7 +50,8 @@ print(json.dumps({"code": code, "attempts": attempts, "loaded": loaded, "errors"
 
 def test_pacs_bridge_does_not_import_tensorflow(tiny_model_dir: Path, tmp_path: Path) -> None:
     png = tmp_path / "x.png"
-    cv2.imwrite(str(png), (np.indices((64, 48)).sum(axis=0) * 2).astype(np.uint8))
+    # A real radiograph: smaller or synthetic images are refused before the model runs.
+    cv2.imwrite(str(png), np.asarray(cv2.imread(str(FIXTURE_JPEG), cv2.IMREAD_GRAYSCALE), dtype=np.uint8))
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(png)],
         check=False,

@@ -45,6 +45,7 @@ def build_report(result: UploadResult, *, product: str = "pacs-bridge") -> bytes
     pdf = FPDF(orientation="portrait", unit="mm", format="A4")
     pdf.set_title(_latin1(f"{product}: AI fracture analysis of {result.name}"))
     pdf.set_author(product)
+    pdf.set_compression(False)  # text stays searchable and checkable; the images are compressed PNGs anyway
     pdf.set_auto_page_break(auto=False)
     pdf.add_page()
     pdf.set_font("Helvetica", "B", 16)

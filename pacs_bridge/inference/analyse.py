@@ -64,7 +64,8 @@ class ImageFinding:
     """The model's result for one image.
 
     ``box`` (``[x0, y0, x1, y1]``, ``x1``/``y1`` exclusive), ``peak``
-    (``(x, y)``) and ``heatmap`` (``float32`` in ``[0, 1]``) are on the
+    (``(x, y)``) and ``heatmap`` (``float32`` in ``[0, 1]``, relative to its
+    peak; all zero when a ``centre`` model points nowhere) are on the
     original pixel grid; they are ``None`` when the model has no heatmap
     output or points nowhere. ``boxes`` lists every box with its score, best
     first (``box`` is the first of them). ``timings`` holds ``decode_ms``, ``preprocess_ms`` and
@@ -293,7 +294,14 @@ class Analyser:
                 boxes, peak = found.boxes, found.peak
                 box = list(boxes[0][0]) if boxes else None
                 if self.keep_heatmap:
-                    heatmap = np.clip(to_original(raw, letterbox), 0.0, 1.0).astype(np.float32)
+                    # Shown relative to the top peak, so the hot region is the top box's own half-maximum area;
+                    # a map with no peak at min_score shows nothing (no heat over empty background).
+                    full = to_original(raw, letterbox)
+                    heatmap = (
+                        np.clip(full / np.float32(boxes[0][1]), 0.0, 1.0).astype(np.float32)
+                        if boxes
+                        else np.zeros_like(full, dtype=np.float32)
+                    )
             else:
                 located = locate(raw, letterbox, self.heatmap_threshold)
                 box, peak = located.box, located.peak

@@ -202,7 +202,7 @@ class Handlers:
                 outcome.sop_instance_uid or "unknown instance",
                 calling,
                 outcome.status,
-                outcome.message,
+                redact(outcome.message),
             )
             if stats:
                 stats.failed += 1

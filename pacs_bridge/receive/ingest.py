@@ -408,9 +408,11 @@ class Ingestor:
         try:
             target = self.failed.keep(path, reason, origin="spool")
         except OSError as exc:
-            LOGGER.error("spool file %s: %s; it could not be moved to failed/ either: %s", path.name, reason, exc)
+            LOGGER.error(
+                "spool file %s: %s; it could not be moved to failed/ either: %s", path.name, redact(reason), exc
+            )
             return
-        LOGGER.warning("spool file %s: %s; moved to %s", path.name, reason, target)
+        LOGGER.warning("spool file %s: %s; moved to %s", path.name, redact(reason), target)
 
     def reconcile(self) -> int:
         """Index spool files that have no row (a crash between link and commit); return how many.

@@ -284,7 +284,9 @@ class FolderWatcher:
         previous = self._deferred.get(path)
         delay = min(previous.delay * 2, _MAX_RETRY_SECONDS) if previous else max(self.poll_seconds, 1.0)
         if previous is None:
-            LOGGER.warning("inbox file %s: %s; it stays in the inbox and is tried again later", path.name, reason)
+            LOGGER.warning(
+                "inbox file %s: %s; it stays in the inbox and is tried again later", path.name, redact(reason)
+            )
         self._deferred[path] = _Deferred(st.st_size, st.st_mtime, now + delay, delay)
 
     def _fail(self, path: Path, st: os.stat_result, now: float, reason: str) -> None:
@@ -298,7 +300,7 @@ class FolderWatcher:
                 LOGGER.error(
                     "inbox file %s failed (%s) and cannot be moved to %s: %s; it is left alone until it changes",
                     path.name,
-                    reason,
+                    redact(reason),
                     self.failed_dir,
                     exc.strerror or exc,
                 )
@@ -306,4 +308,5 @@ class FolderWatcher:
             self._deferred[path] = _Deferred(st.st_size, st.st_mtime, now + 3600.0, 3600.0)
             return
         self._deferred.pop(path, None)
-        LOGGER.warning("inbox file %s failed: %s; moved to %s", path.name, reason, target)
+        # The reason file keeps the details; the log line keeps no value read from the file.
+        LOGGER.warning("inbox file %s failed: %s; moved to %s", path.name, redact(reason), target)

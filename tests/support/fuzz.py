@@ -14,6 +14,7 @@ bytes that were sent.
 from __future__ import annotations
 
 import io
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -111,7 +112,7 @@ def fuzz_cstore(server: ServeProcess, mutator: Mutator, count: int, workdir: Pat
         if n % 10 == 0:
             study_uid = generate_uid()
         mutant = mutator.mutant(study_uid)
-        report.labels[mutant.label.split(" ")[0]] += 1
+        report.labels[re.sub(r"\d+", "N", mutant.label.split(";")[0])] += 1
         path = workdir / "mutant.dcm"
         path.write_bytes(mutant.data)
         if not assoc.is_established:

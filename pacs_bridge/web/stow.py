@@ -175,6 +175,17 @@ def _uids(ds: Dataset | None) -> tuple[str, str]:
         return "", ""
 
 
+def _with_preamble(data: bytes) -> bytes:
+    """A part that starts with its File Meta Information but no preamble gets the PS3.10 7.1 preamble and prefix.
+
+    Some clients send the meta group and data set without the 128-byte
+    preamble; the spool keeps PS3.10 files only.
+    """
+    if data[128:132] != b"DICM" and data[:2] == b"\x02\x00":
+        return bytes(128) + b"DICM" + data
+    return data
+
+
 def store_parts(ingestor: Any, parts: list[Part], *, study_uid: str | None, max_bytes: int) -> StowResult:
     """Ingest every part; never raises for a bad part (it is reported failed)."""
     result = StowResult(stored=[], failed=[], retrieve_base="")
@@ -187,8 +198,9 @@ def store_parts(ingestor: Any, parts: list[Part], *, study_uid: str | None, max_
         if len(part.data) > max_bytes:
             result.failed.append(("", "", FAILURE_OUT_OF_RESOURCES, f"part {index}: larger than [web] max_upload_mb"))
             continue
+        data = _with_preamble(part.data)
         try:
-            ds = pydicom.dcmread(io.BytesIO(part.data))
+            ds = pydicom.dcmread(io.BytesIO(data))
             transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
         except (InvalidDicomError, AttributeError) as exc:
             result.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, f"part {index}: not a PS3.10 file ({exc})"))
@@ -212,8 +224,8 @@ def store_parts(ingestor: Any, parts: list[Part], *, study_uid: str | None, max_
         try:
             outcome = ingestor.ingest(
                 ds,
-                (part.data,),
-                size=len(part.data),
+                (data,),
+                size=len(data),
                 transfer_syntax=transfer_syntax,
                 calling_aet=None,
                 source="dicomweb",

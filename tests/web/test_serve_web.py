@@ -1,4 +1,4 @@
-"""The console inside a running ``pacs-bridge serve``: STOW-RS with a real DICOMweb client, metrics, health, first login."""
+"""The console inside a running ``pacs-bridge serve``: STOW-RS with a DICOMweb client, metrics, health, first login."""
 
 from __future__ import annotations
 

@@ -10,12 +10,13 @@ PS3.3 C.11 LUTs) and returns why it is refused, or ``None``:
 * **near-constant**: the standard deviation of the grey levels is under
   :data:`MIN_STD` (0.01 of the display range): a blank or flat frame;
 * **noise-like**: the *neighbour correlation* ``rho = 1 - mean(d^2) / (2 var)``
-  (``d`` the differences between horizontally and vertically adjacent pixels,
+  (``d`` the differences between horizontally and vertically adjacent samples,
   ``var`` the grey-level variance; ``rho`` is the lag-1 autocorrelation),
-  measured after an area-averaging resize so that the shorter side is at most
-  256 pixels, is under :data:`MIN_NEIGHBOUR_CORRELATION` (0.5). Anatomy is
-  smooth at that scale (``rho`` above 0.9 on every FracAtlas radiograph),
-  independent noise gives ``rho`` near 0.
+  measured on every ``k``-th pixel in both directions (``k`` = shorter side //
+  256, at least 1, so about 256 samples across: cheap on a 10-megapixel
+  image), is under :data:`MIN_NEIGHBOUR_CORRELATION` (0.5). Anatomy is smooth
+  at that scale (``rho`` above 0.85 on every FracAtlas radiograph), independent
+  noise gives ``rho`` near 0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -38,19 +38,16 @@ _MEASURE_SIDE = 256
 
 
 def neighbour_correlation(image: npt.NDArray[Any]) -> tuple[float, float]:
-    """``(std, rho)`` of a 2-D image after the measuring resize (see the module docstring)."""
-    img = np.asarray(image, dtype=np.float32)
-    shorter = min(img.shape)
-    if shorter > _MEASURE_SIDE:
-        scale = _MEASURE_SIDE / shorter
-        size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
-        img = np.asarray(cv2.resize(img, size, interpolation=cv2.INTER_AREA), dtype=np.float32)
-    var = float(img.var())
+    """``(std, rho)`` of a 2-D image, on every ``k``-th pixel (see the module docstring)."""
+    img = np.asarray(image)
+    step = max(1, min(img.shape) // _MEASURE_SIDE)
+    sample = np.asarray(img[::step, ::step], dtype=np.float32)
+    var = float(sample.var())
     std = float(np.sqrt(var))
     if var <= 0.0:
         return std, 1.0
-    dx = np.diff(img, axis=1)
-    dy = np.diff(img, axis=0)
+    dx = np.diff(sample, axis=1)
+    dy = np.diff(sample, axis=0)
     mean_sq = (float(np.mean(dx * dx)) + float(np.mean(dy * dy))) / 2.0
     return std, 1.0 - mean_sq / (2.0 * var)
 

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import events as evt
 
 from pacs_bridge.logsafe import redact
+from pacs_bridge.receive.decode import InflatesTooLarge, dataset_from_c_store
 from pacs_bridge.receive.ingest import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -174,8 +176,18 @@ class Handlers:
             return STATUS_OUT_OF_RESOURCES
         try:
             data = event.encoded_dataset()
-            ds = event.dataset
             transfer_syntax = str(event.context.transfer_syntax)
+            if UID(transfer_syntax).is_deflated:
+                # pynetdicom would inflate without a limit (a deflate bomb): inflate within the instance limit.
+                limit = self.ingestor.max_instance_bytes
+                ds = dataset_from_c_store(event.encoded_dataset(include_meta=False), transfer_syntax, limit)
+            else:
+                ds = event.dataset
+        except InflatesTooLarge as exc:
+            LOGGER.warning("C-STORE from %s refused (0xA700): %s", calling, exc)
+            if stats:
+                stats.failed += 1
+            return STATUS_OUT_OF_RESOURCES
         except Exception as exc:
             LOGGER.warning("C-STORE from %s refused, data set cannot be decoded: %s", calling, redact(str(exc)))
             if stats:

@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacs_bridge.errors import OutOfResources, RejectedInstance
 from pacs_bridge.logsafe import redact
+from pacs_bridge.receive.decode import dataset_from_part10
 from pacs_bridge.receive.failed import FailedFolder
 from pacs_bridge.store.db import Database
 from pacs_bridge.store.index import FastIndex, InstanceRecord, find_instance
@@ -383,9 +384,7 @@ class Ingestor:
 
     def _index_file(self, path: Path, source: str) -> str:
         """Index one spool file from its own content; raises when it cannot (unreadable, wrong name)."""
-        from pydicom import dcmread
-
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = dataset_from_part10(path.read_bytes(), self.max_instance_bytes)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
         study_uid, series_uid, sop_uid, sop_class = self._identify(ds, ts or None)
         if sop_uid != path.stem or study_uid != path.parent.name:

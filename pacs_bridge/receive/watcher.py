@@ -26,7 +26,6 @@ files after it.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import stat
@@ -36,12 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from pacs_bridge.logsafe import redact
+from pacs_bridge.receive.decode import InflatesTooLarge, NotDicom, dataset_from_part10
 from pacs_bridge.receive.failed import FailedFolder
 from pacs_bridge.receive.ingest import Ingestor
 
@@ -244,9 +242,9 @@ class FolderWatcher:
                 raise _FileFailed(_kind(st.st_mode))
             data = _read_regular(path, self.ingestor.max_instance_bytes)
             try:
-                ds = dcmread(io.BytesIO(data), force=False)
-            except InvalidDicomError:
-                raise _FileFailed("not a DICOM file (no DICM preamble)") from None
+                ds = dataset_from_part10(data, self.ingestor.max_instance_bytes)
+            except (NotDicom, InflatesTooLarge) as exc:
+                raise _FileFailed(str(exc)) from None
             ts = ds.file_meta.get("TransferSyntaxUID")
             if ts is None:
                 raise _FileFailed("no Transfer Syntax UID in the file meta information")

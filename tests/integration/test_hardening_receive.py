@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from tests.support.dicom_files import make_radiograph
-from tests.support.hostile import raw_file_store, set_element_vr
+from tests.support.hostile import deflate_bomb, raw_file_store, set_element_vr
 from tests.support.serve import ServeProcess
 
 PIXELS = (np.arange(48 * 48).reshape(48, 48) % 199).astype(np.float64)
@@ -250,3 +250,34 @@ def test_files_are_private_and_no_patient_identifier_reaches_the_log(tmp_path: P
     log = server.log()
     for secret in (SECRET_NAME, SECRET_ID, "Verborgen", "Hildegard", "SECRET-4242"):
         assert secret not in log, f"{secret!r} in the serve log"
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def test_deflate_bomb_is_refused_without_being_inflated(tmp_path: Path) -> None:
+    """256 KiB that inflate to 256 MiB: refused over C-STORE (0xA700) and through the folder, memory flat."""
+    with ServeProcess(tmp_path / "srv", {"dicom": {"max_instance_mb": 8}}) as server:
+        assert server.proc is not None
+        before = _peak_rss_mib(server.proc.pid)
+        study_uid = generate_uid()
+        bomb = tmp_path / "bomb.dcm"
+        bomb.write_bytes(deflate_bomb(256 << 20, generate_uid(), study_uid, generate_uid()))
+        assert bomb.stat().st_size < 1 << 20
+        ae = AE(ae_title="HARDENING")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.1.99")
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="PACS_BRIDGE")
+        assert assoc.is_established
+        assert raw_file_store(assoc, str(bomb)) == 0xA700
+        assoc.release()
+        server.inbox.mkdir(parents=True, exist_ok=True)
+        (server.inbox / "bomb.dcm").write_bytes(deflate_bomb(256 << 20, generate_uid(), study_uid, generate_uid()))
+        assert wait_until(lambda: not list(server.inbox.iterdir()))
+        reasons = "".join(p.read_text() for p in (server.data_dir / "failed").glob("*.reason.txt"))
+        assert "inflates past" in reasons
+        assert list((server.data_dir / "spool").glob("*/*.dcm")) == []
+        assert _peak_rss_mib(server.proc.pid) - before < 64, "the bomb was inflated"

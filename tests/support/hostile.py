@@ -15,6 +15,7 @@ from collections.abc import Sequence
 __all__ = [
     "associate_rq",
     "connect",
+    "deflate_bomb",
     "pdata_header",
     "raw_file_store",
     "read_pdu",
@@ -103,6 +104,47 @@ def set_element_vr(data: bytes, tag: tuple[int, int], vr: bytes) -> bytes:
     if found == -1:
         raise ValueError(f"tag {tag} not found")
     return data[: found + 4] + vr + data[found + 6 :]
+
+
+def deflate_bomb(inflated_bytes: int, sop_instance_uid: str, study_uid: str, series_uid: str) -> bytes:
+    """A PS3.10 Secondary Capture file in Deflated Explicit VR Little Endian that inflates to ``inflated_bytes``."""
+    import io
+    import zlib
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        value += b"\0" * (len(value) % 2)
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    sc = "1.2.840.10008.5.1.4.1.1.7"
+    header = (
+        element(0x0008, 0x0016, b"UI", sc.encode())
+        + element(0x0008, 0x0018, b"UI", sop_instance_uid.encode())
+        + element(0x0020, 0x000D, b"UI", study_uid.encode())
+        + element(0x0020, 0x000E, b"UI", series_uid.encode())
+        + struct.pack("<HH", 0x0009, 0x1001)
+        + b"OB\0\0"
+        + struct.pack("<I", inflated_bytes)
+    )
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflater.compress(header)]
+    zeros = b"\0" * (1 << 22)
+    remaining = inflated_bytes
+    while remaining > 0:
+        parts.append(deflater.compress(zeros[: min(remaining, len(zeros))]))
+        remaining -= len(zeros)
+    parts.append(deflater.flush())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sc
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+    buf = io.BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue() + b"".join(parts)
 
 
 def raw_file_store(assoc: object, path: str) -> int:

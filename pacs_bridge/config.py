@@ -192,6 +192,10 @@ class ReportSettings(_Section):
     structured_report: bool = Field(True, description="Produce a TID 1500 Comprehensive 3D SR per study.")
     annotated_image: bool = Field(True, description="Produce an annotated secondary capture per analysed image.")
     annotate_negatives: bool = Field(True, description="Also produce annotated images for negative findings.")
+    presentation_state: bool = Field(
+        True, description="Produce a presentation state (GSPS) per analysed image: the finding drawn on the original."
+    )
+    study_summary: bool = Field(True, description="Produce one summary image per study listing every image.")
     heatmap_opacity: float = Field(0.35, ge=0, le=1, description="Opacity of the heatmap blended over the image.")
     heatmap_min: float = Field(
         0.5, ge=0, le=1, description="Heatmap values below this share of the peak are not drawn (positives only)."

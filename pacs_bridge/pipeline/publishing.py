@@ -3,8 +3,12 @@
 The objects are built and written durably by
 :func:`pacs_bridge.report.publish.publish_study` (their UIDs follow from
 their content, so a rebuild after a crash writes the same files); their rows,
-one deliver job per object and destination, and the study's ``done`` state
-are committed in the transaction that completes the publish job. Which
+the revision they are (an earlier revision's rows marked superseded), one
+deliver job per object and destination, and the study's ``done`` state are
+committed in the transaction that completes the publish job. A rebuild of
+unchanged content queues no delivery of an object already sent to that
+destination, so a PACS that keeps the first copy of a SOP Instance receives
+nothing twice. Which
 destination receives which object follows each destination's ``objects``,
 ``from_aets`` and ``return_to_sender`` settings.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_bridge.config import DestinationSettings, Settings
@@ -23,7 +27,7 @@ from pacs_bridge.pipeline.analysis import mark_study_failed
 from pacs_bridge.pipeline.queue import ClaimedJob, RetryPolicy, enqueue
 from pacs_bridge.pipeline.runner import describe, fatal, record_failure, run_job
 from pacs_bridge.store.db import Database
-from pacs_bridge.store.models import JobKind, OutputObject, Study, StudyState
+from pacs_bridge.store.models import Job, JobKind, JobState, OutputObject, Study, StudyState
 
 __all__ = ["PublishStage", "destination_accepts", "destination_routes", "queue_deliveries"]
 
@@ -53,14 +57,39 @@ def destination_routes(destination: DestinationSettings, calling_aet: str | None
     return bool(routes(destination, calling_aet))
 
 
-def queue_deliveries(session: Session, outputs: list[OutputObject], settings: Settings, calling_aet: str | None) -> int:
-    """Create one deliver job per output object and destination that takes it; returns how many."""
+def _sent(session: Session, output_id: int, destination: str) -> bool:
+    found = session.scalar(
+        select(Job.id).where(
+            Job.kind == JobKind.DELIVER,
+            Job.output_id == output_id,
+            Job.destination == destination,
+            Job.state == JobState.DONE,
+        )
+    )
+    return found is not None
+
+
+def queue_deliveries(
+    session: Session,
+    outputs: list[OutputObject],
+    settings: Settings,
+    calling_aet: str | None,
+    *,
+    unsent_only: bool = False,
+) -> int:
+    """Create one deliver job per output object and destination that takes it; returns how many.
+
+    With ``unsent_only``, an object already delivered to a destination is not
+    queued for it again (an unchanged rebuild); an explicit resend passes false.
+    """
     count = 0
     for destination in settings.destinations:
         if not destination_routes(destination, calling_aet):
             continue
         for output in outputs:
             if output.superseded or not destination_accepts(destination, output.kind):
+                continue
+            if unsent_only and _sent(session, output.id, destination.name):
                 continue
             enqueue(session, JobKind.DELIVER, output_id=output.id, destination=destination.name)
             count += 1
@@ -113,7 +142,7 @@ class PublishStage:
                 if study is None:
                     raise PermanentError(f"study id {study_id} does not exist")
                 outputs = record_outputs(session, study_id, written, self.settings.storage.data_dir)
-                queued = queue_deliveries(session, outputs, self.settings, study.calling_aet)
+                queued = queue_deliveries(session, outputs, self.settings, study.calling_aet, unsent_only=True)
                 if not written:
                     state, reason = StudyState.FAILED, "analysed, but no result object could be built"
                 else:

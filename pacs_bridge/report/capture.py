@@ -33,8 +33,8 @@ import pacs_bridge
 from pacs_bridge.config import ReportSettings
 from pacs_bridge.imaging.dicom import decode
 from pacs_bridge.report.findings import FindingInput, ModelInfo
+from pacs_bridge.report.revision import Revision, first_revision
 from pacs_bridge.report.sr import contributing_equipment
-from pacs_bridge.report.uids import instance_uid, series_uid
 
 __all__ = [
     "CAPTURE_SERIES_DESCRIPTION",
@@ -51,6 +51,8 @@ LOGGER = logging.getLogger(__name__)
 CAPTURE_SERIES_NUMBER = 9902
 """Series Number of the annotated images: after the SR series (9901) and the acquired series."""
 CAPTURE_SERIES_DESCRIPTION = "AI fracture overlay"
+KIND = "capture"
+"""The output kind of the annotated images, which their UIDs are derived from."""
 MAX_SIDE = 2048
 """Longest side of the annotated image; larger radiographs are reduced."""
 MIN_SIDE = 1024
@@ -179,24 +181,35 @@ def render_overlay(
                 "heatmap of %s is %s, image is %s; resized", finding.sop_instance_uid, heat.shape, (rows, columns)
             )
         rgb = _blend_heatmap(rgb, heat, settings)
-    if finding.fracture and finding.box is not None:
-        _draw_box(rgb, finding.box, rgb.shape[1] / columns)
+    if finding.fracture:
+        for box in finding.boxes:
+            _draw_box(rgb, box, rgb.shape[1] / columns)
     banner = _draw_banner(rgb.shape[1], banner_lines(finding, model, settings), finding.fracture)
     return np.ascontiguousarray(np.concatenate([banner, rgb], axis=0))
 
 
-def build_capture(source: Dataset, finding: FindingInput, model: ModelInfo, settings: ReportSettings) -> Dataset:
+def build_capture(
+    source: Dataset,
+    finding: FindingInput,
+    model: ModelInfo,
+    settings: ReportSettings,
+    *,
+    revision: Revision | None = None,
+) -> Dataset:
     """Build the annotated Secondary Capture (PS3.3 A.8.1) of one analysed image.
 
     ``source`` is the analysed image with its pixel data. The Series and SOP
-    Instance UIDs are derived from the study, the model and the source image
-    (:mod:`pacs_bridge.report.uids`). Raises ``ValueError`` when the finding
+    Instance UIDs, the Series Number and the content time come from
+    ``revision`` (:mod:`pacs_bridge.report.revision`; the first revision of
+    this finding alone when not given). Raises ``ValueError`` when the finding
     is not about ``source`` and :class:`~pacs_bridge.imaging.dicom.DicomDecodeError`
     when its pixels cannot be decoded.
     """
     if str(source.SOPInstanceUID) != finding.sop_instance_uid:
         raise ValueError("finding and source image differ")
     study_uid = str(source.StudyInstanceUID)
+    if revision is None:
+        revision = first_revision(study_uid, model, [finding], settings)
     picture = render_overlay(decode(source).pixels, finding, model, settings)
     number = int(source.get("InstanceNumber") or 1)
     capture = hd.sc.SCImage(
@@ -207,9 +220,9 @@ def build_capture(source: Dataset, finding: FindingInput, model: ModelInfo, sett
         # Replaced below by the source's own (possibly empty) Patient Orientation.
         patient_orientation=("A", "F"),
         study_instance_uid=study_uid,
-        series_instance_uid=series_uid(study_uid, model.name, model.version, "capture"),
-        series_number=CAPTURE_SERIES_NUMBER,
-        sop_instance_uid=instance_uid(study_uid, model.name, model.version, "capture", finding.sop_instance_uid),
+        series_instance_uid=revision.series_instance_uid(KIND),
+        series_number=revision.series_number(CAPTURE_SERIES_NUMBER),
+        sop_instance_uid=revision.sop_instance_uid(KIND, finding.sop_instance_uid),
         instance_number=max(1, number),
         manufacturer=settings.manufacturer,
         patient_id=source.get("PatientID", ""),
@@ -223,7 +236,7 @@ def build_capture(source: Dataset, finding: FindingInput, model: ModelInfo, sett
         referring_physician_name=source.get("ReferringPhysicianName", ""),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[contributing_equipment(model, settings)],
-        series_description=CAPTURE_SERIES_DESCRIPTION,
+        series_description=revision.series_description(CAPTURE_SERIES_DESCRIPTION),
         manufacturer_model_name="pacs-bridge",
         software_versions=pacs_bridge.__version__,
         institution_name=settings.institution_name,
@@ -246,5 +259,6 @@ def build_capture(source: Dataset, finding: FindingInput, model: ModelInfo, sett
     reference.ReferencedSOPClassUID = finding.sop_class_uid
     reference.ReferencedSOPInstanceUID = finding.sop_instance_uid
     capture.SourceImageSequence = [reference]
+    revision.stamp(capture)
     LOGGER.debug("built capture %s of %s", capture.SOPInstanceUID, finding.sop_instance_uid)
     return capture

@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FindingInput", "ModelInfo"]
+__all__ = ["Box", "FailedImage", "FindingInput", "ModelInfo"]
+
+Box = tuple[float, float, float, float]
+"""A region ``(x0, y0, x1, y1)`` in source pixel coordinates (columns, rows; x1/y1 exclusive)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,15 @@ class ModelInfo:
         return f"{self.name} {self.version}"
 
 
+def _checked_box(value: Any) -> Box:
+    if len(value) != 4:
+        raise ValueError(f"box {value!r} is not [x0, y0, x1, y1]")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if not all(np.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+        raise ValueError(f"box {value!r} is empty")
+    return (x0, y0, x1, y1)
+
+
 @dataclass(frozen=True)
 class FindingInput:
     """The result of analysing one source image.
@@ -41,7 +53,9 @@ class FindingInput:
     ``probability`` is the model's fracture probability in [0, 1];
     ``fracture`` is the decision (``probability >= threshold``).
     ``box`` is ``[x0, y0, x1, y1]`` in source pixel coordinates (columns,
-    rows; x1/y1 exclusive), ``None`` where no region is known. ``heatmap`` is a
+    rows; x1/y1 exclusive), ``None`` where no region is known; ``boxes`` are
+    all the suspected regions, the main one (``box``) first (filled from
+    ``box`` when not given). ``heatmap`` is a
     2-D ``float32`` array on the source pixel grid (rows x columns) with values
     in [0, 1], or ``None``. ``body_part`` is a FracAtlas-style region name
     (``hand``, ``leg``, ``hip``, ``shoulder``) or a Body Part Examined value.
@@ -53,20 +67,19 @@ class FindingInput:
     fracture: bool
     threshold: float
     body_part: str | None = None
-    box: tuple[float, float, float, float] | None = None
+    box: Box | None = None
     heatmap: npt.NDArray[np.float32] | None = field(default=None, compare=False, repr=False)
+    boxes: tuple[Box, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.probability) <= 1.0:
             raise ValueError(f"probability {self.probability} is not in [0, 1]")
         if self.box is not None:
-            box: Any = self.box
-            if len(box) != 4:
-                raise ValueError(f"box {box!r} is not [x0, y0, x1, y1]")
-            x0, y0, x1, y1 = (float(v) for v in box)
-            if x1 <= x0 or y1 <= y0:
-                raise ValueError(f"box {box!r} is empty")
-            object.__setattr__(self, "box", (x0, y0, x1, y1))
+            object.__setattr__(self, "box", _checked_box(self.box))
+        boxes = tuple(_checked_box(b) for b in self.boxes)
+        if self.box is not None and self.box not in boxes:
+            boxes = (self.box, *boxes)
+        object.__setattr__(self, "boxes", boxes)
         if self.heatmap is not None and np.asarray(self.heatmap).ndim != 2:
             raise ValueError("heatmap must be a 2-D array")
 
@@ -74,3 +87,12 @@ class FindingInput:
     def percent(self) -> int:
         """The probability as a whole percentage, as shown in banners."""
         return round(float(self.probability) * 100.0)
+
+
+@dataclass(frozen=True)
+class FailedImage:
+    """A radiograph of the study that could not be analysed, and why (shown in the study summary)."""
+
+    sop_instance_uid: str
+    reason: str
+    instance_number: int | None = None

@@ -19,7 +19,18 @@ Objects and templates (DICOM PS3.3, PS3.16):
   TID 4019 Algorithm Identification (name, version, threshold parameter),
   Finding = Fracture, the qualitative evaluation Fracture = Present/Absent,
   Certainty of Finding as a NUM in percent (UCUM ``%``) and, where the body
-  region is known, Finding Site.
+  region is known, Finding Site. Every NUM has its own content: an INFERRED
+  FROM IMAGE "Source of Measurement" (TID 300, TID 320) naming the analysed
+  image and, in the Image Reference Macro's nested Referenced SOP Sequence
+  (PS3.3 C.18.4), the presentation state that draws the finding on it. TID
+  1500 readers that look for a region under each NUM of a group without an
+  Image Region (OHIF's, through dcmjs) find an image reference there.
+- Revisions (:mod:`pacs_bridge.report.revision`): the UIDs follow from the
+  revision's content digest; Series Number and Instance Number rise with the
+  revision, Content Date/Time is the content's time, and the SR that this one
+  replaces is listed in the Predecessor Documents Sequence (PS3.3 C.17.2.3).
+  The annotated images, presentation states and study summary of the same
+  revision are listed in the Pertinent Other Evidence Sequence (PS3.3 C.17.2.3).
 - PS3.3 C.12.1 Contributing Equipment Sequence naming the algorithm (purpose
   of reference (Newcode1, 99IHE, "Processing Algorithm"), IHE AI Results).
 """
@@ -27,7 +38,7 @@ Objects and templates (DICOM PS3.3, PS3.16):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -37,8 +48,9 @@ from pydicom.sr.coding import Code
 
 import pacs_bridge
 from pacs_bridge.config import ReportSettings
-from pacs_bridge.report.findings import FindingInput, ModelInfo
-from pacs_bridge.report.uids import device_uid, instance_uid, series_uid, tracking_uid
+from pacs_bridge.report.findings import FailedImage, FindingInput, ModelInfo
+from pacs_bridge.report.revision import PriorObject, Revision, first_revision
+from pacs_bridge.report.uids import device_uid, tracking_uid
 
 __all__ = [
     "ABSENT",
@@ -51,6 +63,7 @@ __all__ = [
     "build_sr",
     "contributing_equipment",
     "finding_site_code",
+    "hierarchical_references",
     "source_header",
 ]
 
@@ -59,6 +72,8 @@ LOGGER = logging.getLogger(__name__)
 SR_SERIES_NUMBER = 9901
 """Series Number of the SR series: sorts after the acquired series in every viewer."""
 SR_SERIES_DESCRIPTION = "AI fracture report"
+KIND = "sr"
+"""The output kind of the SR, which its UIDs are derived from."""
 
 FRACTURE = Code("72704001", "SCT", "Fracture")
 PRESENT = Code("52101004", "SCT", "Present")
@@ -149,12 +164,53 @@ def contributing_equipment(model: ModelInfo, settings: ReportSettings) -> hd.Con
     return equipment
 
 
+def hierarchical_references(objects: Sequence[PriorObject]) -> list[Dataset]:
+    """Items of a Hierarchical SOP Instance Reference sequence (PS3.3 C.17.2.1), by study and series."""
+    studies: dict[str, dict[str, list[PriorObject]]] = {}
+    for item in objects:
+        studies.setdefault(item.study_instance_uid, {}).setdefault(item.series_instance_uid, []).append(item)
+    items: list[Dataset] = []
+    for study_uid, series in studies.items():
+        study_item = Dataset()
+        study_item.StudyInstanceUID = study_uid
+        series_items = []
+        for series_uid, members in series.items():
+            series_item = Dataset()
+            series_item.SeriesInstanceUID = series_uid
+            references = []
+            for member in members:
+                reference = Dataset()
+                reference.ReferencedSOPClassUID = member.sop_class_uid
+                reference.ReferencedSOPInstanceUID = member.sop_instance_uid
+                references.append(reference)
+            series_item.ReferencedSOPSequence = references
+            series_items.append(series_item)
+        study_item.ReferencedSeriesSequence = series_items
+        items.append(study_item)
+    return items
+
+
+def _measurement_source(finding: FindingInput, presentation: PriorObject | None) -> hd.sr.SourceImageForMeasurement:
+    """INFERRED FROM IMAGE (121112, DCM, "Source of Measurement"), with the image's presentation state if any."""
+    source = hd.sr.SourceImageForMeasurement(
+        referenced_sop_class_uid=finding.sop_class_uid,
+        referenced_sop_instance_uid=finding.sop_instance_uid,
+    )
+    if presentation is not None:
+        state = Dataset()
+        state.ReferencedSOPClassUID = presentation.sop_class_uid
+        state.ReferencedSOPInstanceUID = presentation.sop_instance_uid
+        source.ReferencedSOPSequence[0].ReferencedSOPSequence = [state]
+    return source
+
+
 def _group(
     finding: FindingInput,
     source: Dataset,
     index: int,
     study_uid: str,
     model: ModelInfo,
+    presentation: PriorObject | None = None,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations:
     tracking = hd.sr.TrackingIdentifier(
         uid=tracking_uid(study_uid, model.name, model.version, finding.sop_instance_uid),
@@ -168,8 +224,9 @@ def _group(
     evaluation = hd.sr.QualitativeEvaluation(name=FRACTURE, value=PRESENT if finding.fracture else ABSENT)
     certainty = hd.sr.Measurement(
         name=codes.DCM.CertaintyOfFinding,
-        value=round(float(finding.probability) * 100.0, 2),
+        value=round(float(finding.probability) * 100.0, 1),
         unit=codes.UCUM.Percent,
+        referenced_images=[_measurement_source(finding, presentation)],
     )
     site = finding_site_code(finding.body_part)
     sites = [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
@@ -217,13 +274,21 @@ def build_sr(
     findings: Sequence[FindingInput],
     model: ModelInfo,
     settings: ReportSettings,
+    *,
+    revision: Revision | None = None,
+    failed: Sequence[FailedImage] = (),
+    presentation_states: Mapping[str, PriorObject] | None = None,
+    companions: Sequence[PriorObject] = (),
 ) -> Dataset:
     """Build the study's TID 1500 Comprehensive 3D SR (PS3.3 A.35.13) from its analysed images.
 
     ``sources`` are the analysed images (full datasets or headers) of one
-    study; every finding must name one of them. The Series and SOP Instance
-    UIDs are derived from the study and the model (:mod:`pacs_bridge.report.uids`),
-    so building again gives the same UIDs. Raises ``ValueError`` when there is
+    study; every finding must name one of them. The UIDs, numbers and times
+    come from ``revision`` (the first revision of this content when not
+    given), so building again gives the same object. ``presentation_states``
+    maps a source SOP Instance UID to the presentation state drawn on it;
+    ``companions`` are the revision's other objects (annotated images,
+    presentation states, summary). Raises ``ValueError`` when there is
     nothing to report or the inputs do not belong together.
     """
     if not findings:
@@ -236,6 +301,9 @@ def build_sr(
     if len(studies) != 1:
         raise ValueError(f"sources belong to {len(studies)} studies, expected one")
     study_uid = studies.pop()
+    if revision is None:
+        revision = first_revision(study_uid, model, findings, settings, failed)
+    states = presentation_states or {}
 
     analysed = [source_header(by_uid[f.sop_instance_uid]) for f in findings]
     device = hd.sr.ObserverContext(
@@ -248,7 +316,7 @@ def build_sr(
         ),
     )
     groups = [
-        _group(finding, header, index, study_uid, model)
+        _group(finding, header, index, study_uid, model, states.get(finding.sop_instance_uid))
         for index, (finding, header) in enumerate(zip(findings, analysed, strict=True), start=1)
     ]
     report = hd.sr.MeasurementReport(
@@ -257,29 +325,39 @@ def build_sr(
         imaging_measurements=groups,
         referenced_images=analysed,
     )
+    predecessor = [revision.predecessor.as_dataset()] if revision.predecessor is not None else None
     sr = hd.sr.Comprehensive3DSR(
         evidence=analysed,
         content=report[0],
-        series_instance_uid=series_uid(study_uid, model.name, model.version, "sr"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=instance_uid(study_uid, model.name, model.version, "sr"),
-        instance_number=1,
+        series_instance_uid=revision.series_instance_uid(KIND),
+        series_number=revision.series_number(SR_SERIES_NUMBER),
+        sop_instance_uid=revision.sop_instance_uid(KIND),
+        instance_number=revision.number,
         manufacturer=settings.manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,
         institution_name=settings.institution_name,
         contributing_equipment=[contributing_equipment(model, settings)],
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=revision.series_description(SR_SERIES_DESCRIPTION),
         manufacturer_model_name="pacs-bridge",
         software_versions=pacs_bridge.__version__,
+        previous_versions=predecessor,
     )
     first = analysed[0]
     for keyword in _COPIED:
         if keyword in first and keyword not in sr:
             setattr(sr, keyword, first[keyword].value)
+    if companions:
+        sr.PertinentOtherEvidenceSequence = hierarchical_references(companions)
+    revision.stamp(sr)
     positives = sum(1 for f in findings if f.fracture)
     LOGGER.debug(
-        "built SR %s for study %s: %d images, %d positive", sr.SOPInstanceUID, study_uid, len(findings), positives
+        "built SR %s (revision %d) for study %s: %d images, %d positive",
+        sr.SOPInstanceUID,
+        revision.number,
+        study_uid,
+        len(findings),
+        positives,
     )
     return sr

@@ -1,11 +1,18 @@
 """Deterministic UIDs for the objects pacs-bridge produces.
 
-A UID is derived from what the object *is*: the source study, the model name
-and version, the kind of object and, for per-image objects, the source SOP
-Instance UID. Analysing the same study again with the same model gives the
-same Series and SOP Instance UIDs, so a receiving PACS replaces (or keeps)
-the earlier copy instead of showing a duplicate; a new model version gives
-new UIDs, so its results sit beside the earlier ones.
+A result object's UID is derived from what the object *says*: a digest of
+its content (:mod:`pacs_bridge.report.revision`: the findings, the model and
+its threshold, the analysed and failed images, the revision it replaces),
+the kind of object and, for per-image objects, the source SOP Instance UID
+(:func:`content_uid`, :func:`content_series_uid`). Building the same content
+again (a resend, a retry after a crash) gives the same UIDs, so a receiving
+PACS keeps one copy; changed content gives new UIDs, because a UID names one
+content only (PS3.5 §9.1), and a PACS that keeps the first copy of a UID
+would otherwise keep the stale result. :func:`instance_uid` and
+:func:`series_uid` derive a UID from the study, the model and the kind alone,
+for objects whose content follows from those (FHIR resources);
+:func:`tracking_uid` names one finding across revisions and
+:func:`device_uid` the algorithm.
 
 The UIDs are of the ``2.25.<integer>`` form from a name-based UUID (ISO/IEC
 9834-8, DICOM PS3.5 §B.2), which needs no registered organisation root; a
@@ -20,6 +27,8 @@ import uuid
 
 __all__ = [
     "UID_RE",
+    "content_series_uid",
+    "content_uid",
     "device_uid",
     "instance_uid",
     "is_valid_uid",
@@ -79,3 +88,13 @@ def tracking_uid(study_uid: str, model_name: str, model_version: str, source_sop
 def device_uid(model_name: str, model_version: str) -> str:
     """Device Observer UID of the algorithm: changes whenever the model (name or version) changes."""
     return _derive(("device", model_name, model_version), None)
+
+
+def content_uid(digest: str, kind: str, source_sop_instance_uid: str | None = None, *, root: str | None = None) -> str:
+    """SOP Instance UID of one result object with content ``digest``; per-image objects also name their source."""
+    return _derive(("content-instance", digest, kind, source_sop_instance_uid or ""), root)
+
+
+def content_series_uid(digest: str, kind: str, *, root: str | None = None) -> str:
+    """Series Instance UID of the ``kind`` objects of one revision of a study's result (content ``digest``)."""
+    return _derive(("content-series", digest, kind), root)

@@ -42,6 +42,7 @@ __all__ = [
     "JobState",
     "NodeRole",
     "OutputObject",
+    "ResultRevision",
     "Series",
     "Study",
     "StudyState",
@@ -237,6 +238,28 @@ class OutputObject(Base):
     superseded: Mapped[bool] = mapped_column(Boolean, default=False)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="output", cascade="all, delete-orphan")
+
+
+class ResultRevision(Base):
+    """One revision of a study's result objects: its number, content digest and content time.
+
+    The UIDs of a revision's objects are derived from ``digest``
+    (:mod:`pacs_bridge.report.revision`); a rebuild of unchanged content reuses
+    the newest row, changed content adds the next one.
+    """
+
+    __tablename__ = "result_revisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    content_digest: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))
+    replaces: Mapped[str | None] = mapped_column(String(64))
+    content_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("study_id", "number", name="uq_revision_number"),)
 
 
 class Job(Base):

@@ -31,6 +31,8 @@ pytestmark = [
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+OBJECTS = 6  # per 2-image study: the SR, 2 annotated images, 2 presentation states, the study summary
 IMAGES = ["images/Fractured/IMG0000019.jpg", "images/Non_fractured/IMG0000001.jpg"]
 
 
@@ -94,7 +96,12 @@ def _wait_for_results(pacs: OrthancServer, study_uid: str, count: int, timeout: 
     found: dict[str, Any] = {}
     while time.monotonic() < deadline:
         found = _objects_in_orthanc(pacs, study_uid)
-        if len(found.get(SR_CLASS, [])) == 1 and len(found.get(SC_CLASS, [])) == count:
+        # Secondary captures: one annotated image per analysed image, and the study summary.
+        if (
+            len(found.get(SR_CLASS, [])) == 1
+            and len(found.get(SC_CLASS, [])) == count + 1
+            and len(found.get(GSPS_CLASS, [])) == count
+        ):
             return found
         time.sleep(0.5)
     raise TimeoutError(f"results not in Orthanc after {timeout} s: { {k: len(v) for k, v in found.items()} }")
@@ -139,6 +146,9 @@ def test_orthanc_push_is_analysed_and_results_return_to_the_same_study(
     captures = [pydicom.dcmread(io.BytesIO(pacs.instance_file(i["ID"]))) for i in found[SC_CLASS]]
     assert {c.StudyInstanceUID for c in captures} == {study_uid}
     assert all(c.BurnedInAnnotation == "YES" for c in captures)
+    states = [pydicom.dcmread(io.BytesIO(pacs.instance_file(i["ID"]))) for i in found[GSPS_CLASS]]
+    referenced = {s.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID for s in states}
+    assert referenced == set(sops)
     assert "patient" not in server.log().lower() or "PB-TEST-0001" not in server.log()
 
 
@@ -152,13 +162,13 @@ def test_results_survive_a_pacs_outage(site: tuple[OrthancServer, ServeProcess],
     server.wait_for_state(study_uid, {"done"}, timeout=90)
     time.sleep(3)  # a few failed delivery attempts
     pending = server.results()[0]["deliveries"]
-    assert pending.get("pending", 0) == 3 and not pending.get("sent"), pending
+    assert pending.get("pending", 0) == OBJECTS and not pending.get("sent"), pending
     pacs.start()
     _wait_for_results(pacs, study_uid, count=2)
     deadline = time.monotonic() + 30
-    while server.results()[0]["deliveries"].get("sent") != 3 and time.monotonic() < deadline:
+    while server.results()[0]["deliveries"].get("sent") != OBJECTS and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert server.results()[0]["deliveries"] == {"pending": 0, "sent": 3, "dead": 0}
+    assert server.results()[0]["deliveries"] == {"pending": 0, "sent": OBJECTS, "dead": 0}
 
 
 def test_reanalysis_replaces_rather_than_duplicates(site: tuple[OrthancServer, ServeProcess], tmp_path: Path) -> None:
@@ -168,7 +178,7 @@ def test_reanalysis_replaces_rather_than_duplicates(site: tuple[OrthancServer, S
     server.wait_for_state(study_uid, {"done"}, timeout=90)
     _wait_for_results(pacs, study_uid, count=2)
     before = len(pacs.instances_of_study(study_uid))
-    assert before == 5  # 2 radiographs, 1 SR, 2 annotated images
+    assert before == 2 + OBJECTS
     proc = server.cli("reanalyse", study_uid)
     assert proc.returncode == 0, proc.stderr
     time.sleep(1)
@@ -176,9 +186,9 @@ def test_reanalysis_replaces_rather_than_duplicates(site: tuple[OrthancServer, S
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         deliveries = server.results()[0]["deliveries"]
-        if deliveries.get("sent") == 3 and not deliveries.get("pending"):
+        if deliveries.get("sent") == OBJECTS and not deliveries.get("pending"):
             break
         time.sleep(0.5)
-    assert server.results()[0]["deliveries"].get("sent") == 3
+    assert server.results()[0]["deliveries"].get("sent") == OBJECTS
     assert len(pacs.instances_of_study(study_uid)) == before
     assert server.log().count(f"study {study_uid} analysed") == 2

@@ -21,8 +21,8 @@ from pacs_bridge.report.capture import (
     render_overlay,
 )
 from pacs_bridge.report.findings import FindingInput, ModelInfo
+from pacs_bridge.report.revision import first_revision
 from pacs_bridge.report.sr import build_sr
-from pacs_bridge.report.uids import instance_uid
 from tests.support.dicom_files import make_radiograph
 from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 from tests.support.render import render_sr_png
@@ -94,7 +94,8 @@ def test_capture_header(source: Dataset) -> None:
     assert capture.PhotometricInterpretation == "RGB"
     assert capture.BitsAllocated == 8 and capture.SamplesPerPixel == 3
     assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert capture.SOPInstanceUID == instance_uid(STUDY, MODEL.name, MODEL.version, "capture", source.SOPInstanceUID)
+    revision = first_revision(STUDY, MODEL, [_positive(source)], ReportSettings())
+    assert capture.SOPInstanceUID == revision.sop_instance_uid("capture", source.SOPInstanceUID)
     assert (
         capture.SeriesInstanceUID != build_sr([source], [_positive(source)], MODEL, ReportSettings()).SeriesInstanceUID
     )

@@ -12,8 +12,9 @@ from pydicom.dataset import Dataset
 
 from pacs_bridge.config import ReportSettings
 from pacs_bridge.report.findings import FindingInput, ModelInfo
+from pacs_bridge.report.revision import first_revision
 from pacs_bridge.report.sr import SR_SERIES_DESCRIPTION, SR_SERIES_NUMBER, build_sr
-from pacs_bridge.report.uids import device_uid, instance_uid, is_valid_uid, series_uid
+from pacs_bridge.report.uids import device_uid, is_valid_uid
 from tests.support.dicom_files import make_radiograph
 from tests.support.paths import FRACATLAS as FRACATLAS_ROOT
 
@@ -84,8 +85,9 @@ def test_sr_header(sources: list[Dataset], findings: list[FindingInput]) -> None
 def test_sr_uids_are_deterministic(sources: list[Dataset], findings: list[FindingInput]) -> None:
     first = build_sr(sources, findings, MODEL, ReportSettings())
     again = build_sr(sources, findings, MODEL, ReportSettings())
-    assert first.SOPInstanceUID == again.SOPInstanceUID == instance_uid(STUDY, MODEL.name, MODEL.version, "sr")
-    assert first.SeriesInstanceUID == again.SeriesInstanceUID == series_uid(STUDY, MODEL.name, MODEL.version, "sr")
+    revision = first_revision(STUDY, MODEL, findings, ReportSettings())
+    assert first.SOPInstanceUID == again.SOPInstanceUID == revision.sop_instance_uid("sr")
+    assert first.SeriesInstanceUID == again.SeriesInstanceUID == revision.series_instance_uid("sr")
     newer = build_sr(sources, findings, ModelInfo(MODEL.name, "1.3.0", 0.5), ReportSettings())
     assert newer.SOPInstanceUID != first.SOPInstanceUID
     assert is_valid_uid(str(first.SOPInstanceUID)) and len(first.SOPInstanceUID) <= 64

@@ -249,6 +249,10 @@ def build_capture(
     for keyword in _COPIED:
         if keyword in source and keyword not in capture:
             setattr(capture, keyword, source[keyword].value)
+    if "Laterality" not in capture and "ImageLaterality" not in capture:
+        side = str(source.get("Laterality") or source.get("ImageLaterality") or "").upper()
+        # Type 2C (PS3.3 C.7.3.1): the source's side where it names one, else empty (unknown).
+        capture.Laterality = side if side in ("L", "R") else ""
     capture.ConversionType = "WSD"
     capture.BurnedInAnnotation = "YES"
     capture.RecognizableVisualFeatures = "NO"

@@ -144,6 +144,49 @@ def source_header(source: Dataset) -> Dataset:
     return header
 
 
+# TID 1603 descriptors that highdicom reads from every projection radiograph, and their concepts.
+_OPTIONAL_DESCRIPTORS: dict[str, tuple[Code, ...]] = {
+    "PatientOrientation": (codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn),
+    "ImagerPixelSpacing": (codes.DCM.HorizontalPixelSpacing, codes.DCM.VerticalPixelSpacing),
+}
+
+
+def _library_headers(headers: Sequence[Dataset]) -> tuple[list[Dataset], dict[str, set[str]]]:
+    """Headers for the Image Library (TID 1601), and per SOP Instance UID the descriptors it must not state.
+
+    Patient Orientation and Imager Pixel Spacing are optional for CR/DX
+    images but read unconditionally by highdicom's TID 1603 descriptors; an
+    image without them gets placeholders whose descriptor items are removed
+    again (:func:`_drop_descriptors`), so the library names every image and
+    states nothing the image does not.
+    """
+    prepared: list[Dataset] = []
+    missing: dict[str, set[str]] = {}
+    for header in headers:
+        copy = Dataset()
+        copy.update(header)
+        for keyword, concepts in _OPTIONAL_DESCRIPTORS.items():
+            value = header.get(keyword)
+            if value is None or len(value) != 2 or not all(str(v).strip() for v in value):
+                setattr(copy, keyword, ["X", "X"] if keyword == "PatientOrientation" else [1.0, 1.0])
+                missing.setdefault(str(header.SOPInstanceUID), set()).update(c.value for c in concepts)
+        prepared.append(copy)
+    return prepared, missing
+
+
+def _drop_descriptors(items: Sequence[Dataset], missing: Mapping[str, set[str]]) -> None:
+    """Remove the placeholder descriptors of the images in ``missing`` from an Image Library tree."""
+    for item in items:
+        if item.get("ValueType") == "IMAGE" and "ContentSequence" in item:
+            uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            drop = missing.get(uid)
+            if drop:
+                kept = [c for c in item.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue not in drop]
+                item.ContentSequence = kept
+        elif "ContentSequence" in item:
+            _drop_descriptors(item.ContentSequence, missing)
+
+
 def contributing_equipment(model: ModelInfo, settings: ReportSettings) -> hd.ContributingEquipment:
     """The algorithm as Contributing Equipment (PS3.3 C.12.1.1.5), with a Device UID per model version.
 
@@ -319,12 +362,18 @@ def build_sr(
         _group(finding, header, index, study_uid, model, states.get(finding.sop_instance_uid))
         for index, (finding, header) in enumerate(zip(findings, analysed, strict=True), start=1)
     ]
+    library, placeholders = _library_headers(analysed)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=RADIOGRAPHIC_IMAGING_PROCEDURE,
         imaging_measurements=groups,
-        referenced_images=analysed,
+        referenced_images=library,
     )
+    if placeholders:
+        _drop_descriptors(
+            [c for c in report[0].ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "111028"],
+            placeholders,
+        )
     predecessor = [revision.predecessor.as_dataset()] if revision.predecessor is not None else None
     sr = hd.sr.Comprehensive3DSR(
         evidence=analysed,

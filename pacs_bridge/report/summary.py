@@ -200,6 +200,7 @@ def build_summary(
         institution_name=settings.institution_name,
     )
     summary.PatientOrientation = []  # Type 2C (PS3.3 C.7.6.1.1.1): not an image of the patient's anatomy
+    summary.Laterality = ""  # Type 2C (PS3.3 C.7.3.1): a summary of the study has no side
     if "SpecificCharacterSet" in first:
         summary.SpecificCharacterSet = first.SpecificCharacterSet
     for keyword in ("IssuerOfPatientID", "OtherPatientIDsSequence", "PatientAge", "StudyDescription"):

@@ -17,6 +17,7 @@ next start, on this node or another.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import threading
@@ -161,6 +162,10 @@ class Service:
             )
             self.runners[stage.role] = runner
             runner.start()
+        # Within one process, a stage that finished work wakes the next one at once.
+        for current, following in itertools.pairwise(("settle", "analyse", "publish", "send")):
+            if current in self.runners and following in self.runners:
+                self.runners[current].on_progress = self.runners[following].wake
         if "send" in self.roles and not settings.destinations:
             LOGGER.warning(
                 "no [[destinations]] configured: result objects stay in %s", settings.storage.data_dir / "outputs"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -46,6 +46,7 @@ __all__ = [
     "dedup_key",
     "enqueue",
     "fail",
+    "next_due",
     "renew",
 ]
 
@@ -255,6 +256,33 @@ def claim(
                 )
             )
         return claimed
+
+
+def next_due(db: Database, kinds: Sequence[JobKind], *, now: datetime | None = None) -> float | None:
+    """Seconds until a job of ``kinds`` next becomes due; None if no job waits for a later time.
+
+    A pending job becomes due at its ``not_before`` (a deferred settle job at
+    the end of its study's quiet period), a running job at its lease's expiry.
+    Jobs already due are left out: if they could not be claimed just now
+    (another worker holds them or their subject), looking again at once would
+    only spin.
+    """
+    now = now or utcnow()
+    with db.session() as session:
+        pending = session.scalar(
+            select(func.min(Job.not_before)).where(
+                Job.kind.in_(list(kinds)), Job.state == JobState.PENDING, Job.not_before > now
+            )
+        )
+        leased = session.scalar(
+            select(func.min(Job.lease_expires)).where(
+                Job.kind.in_(list(kinds)), Job.state == JobState.RUNNING, Job.lease_expires > now
+            )
+        )
+    times = [t for t in (aware(pending), aware(leased)) if t is not None]
+    if not times:
+        return None
+    return max(0.0, (min(times) - now).total_seconds())
 
 
 def renew(db: Database, jobs: Iterable[ClaimedJob], *, lease_seconds: float, now: datetime | None = None) -> int:

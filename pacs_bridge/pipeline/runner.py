@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from pacs_bridge import failpoints
 from pacs_bridge.health import Health
-from pacs_bridge.pipeline.queue import ClaimedJob, LeaseLost, RetryPolicy, claim, complete, fail, renew
+from pacs_bridge.pipeline.queue import ClaimedJob, LeaseLost, RetryPolicy, claim, complete, fail, next_due, renew
 from pacs_bridge.store.db import Database
 from pacs_bridge.store.models import JobKind, JobState
 
@@ -169,6 +169,7 @@ class StageRunner:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.completed = 0
+        self.on_progress: Callable[[], None] | None = None
         health.register(stage.role)
 
     def start(self) -> None:
@@ -218,8 +219,20 @@ class StageRunner:
                 self._stop.wait(delay)
                 continue
             if not busy:
-                self._wake.wait(self.poll_seconds)
+                self._wake.wait(self._idle_seconds())
                 self._wake.clear()
+
+    def _idle_seconds(self) -> float:
+        """How long to wait for work: until the next job is due (a deferred settle job), at most one poll."""
+        try:
+            due = next_due(self.db, self.stage.kinds)
+        except Exception as exc:
+            LOGGER.debug("%s: could not read the next due job: %s", self.stage.role, describe(exc))
+            return self.poll_seconds
+        if due is None:
+            return self.poll_seconds
+        # A little after the due time, so that the job is claimable when we look.
+        return min(self.poll_seconds, due + 0.005)
 
     def run_once(self) -> bool:
         """Claim and run one batch; True if there was work."""
@@ -241,5 +254,7 @@ class StageRunner:
         self.completed += done
         if done:
             self.health.progress(self.stage.role, done)
+            if self.on_progress is not None:
+                self.on_progress()
         LOGGER.debug("%s: %d of %d job(s) done in %.2f s", self.stage.role, done, len(jobs), time.monotonic() - started)
         return True

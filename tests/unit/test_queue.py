@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from pacs_bridge.errors import Defer, PermanentError, TransientError
-from pacs_bridge.pipeline.queue import LeaseLost, RetryPolicy, claim, complete, enqueue, fail, renew
+from pacs_bridge.pipeline.queue import LeaseLost, RetryPolicy, claim, complete, enqueue, fail, next_due, renew
 from pacs_bridge.store.db import Database, open_database
 from pacs_bridge.store.models import Job, JobKind, JobState, Study
 
@@ -163,3 +163,18 @@ def test_concurrent_claimers_never_share_a_job(db: Database) -> None:
     for thread in threads:
         thread.join(60)
     assert sorted(taken) == sorted(set(taken)) and len(taken) == 60
+
+
+def test_next_due_names_the_next_deferred_job_or_lease_expiry(db: Database) -> None:
+    study = _study(db)
+    assert next_due(db, [JobKind.SETTLE], now=T0) is None
+    _enqueue(db, JobKind.SETTLE, study_id=study, now=T0)
+    # Due already (and claimable or held elsewhere): not a reason to look again at once.
+    assert next_due(db, [JobKind.SETTLE], now=T0) is None
+    (job,) = claim(db, [JobKind.SETTLE], "a", lease_seconds=30, now=T0)
+    fail(db, job, Defer(4.0, "study not quiet yet"), POLICY, now=T0)
+    assert next_due(db, [JobKind.SETTLE], now=T0 + timedelta(seconds=1)) == pytest.approx(3.0)
+    assert next_due(db, [JobKind.ANALYSE], now=T0) is None
+    (job,) = claim(db, [JobKind.SETTLE], "a", lease_seconds=30, now=T0 + timedelta(seconds=4))
+    # A running job becomes due again when its lease expires.
+    assert next_due(db, [JobKind.SETTLE], now=T0 + timedelta(seconds=10)) == pytest.approx(24.0)

@@ -115,10 +115,16 @@ class Service:
 
         assert self.db is not None
         settings = self.settings
-        spool = Spool(settings.storage.data_dir, min_free_mb=settings.storage.min_free_mb, fsync=settings.storage.fsync)
+        spool = Spool(
+            settings.storage.data_dir,
+            min_free_mb=settings.storage.min_free_mb,
+            fsync=settings.storage.fsync,
+            node=settings.queue.node_name or None,
+        )
+        # Only this node's own partial files: another receiving node may be storing into tmp/ now.
         removed = spool.clean_tmp()
         if removed:
-            LOGGER.info("removed %d partial files left by an interrupted store", removed)
+            LOGGER.info("removed %d partial files left by an interrupted store on this node", removed)
         self.ingestor = Ingestor(spool, self.db, max_instance_bytes=int(settings.dicom.max_instance_mb * 1024 * 1024))
         recovered = self.ingestor.reconcile()
         if recovered:

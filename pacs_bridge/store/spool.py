@@ -7,9 +7,13 @@ is there yet (``os.link`` fails on an existing name; it never replaces), the
 temp name removed and the folder fsynced. A file in the spool is therefore
 never replaced or removed by a later store: a duplicate leaves the first copy
 untouched. A crash at any point leaves either no file or a whole file in the
-spool; partial files can only exist in ``tmp/``, which is emptied at
-start-up, and a whole file that lost its database row (a kill between link
-and commit) is indexed again by ``Ingestor.reconcile``.
+spool; partial files can only exist in ``tmp/``. Their names start with the
+node and process that write them (``<node>.<pid>.``), so that several
+receiving nodes may share one data folder: at start-up a node removes only
+its own partial files, those of its earlier processes that no longer run,
+never another node's store in flight. A whole file that lost its database
+row (a kill between link and commit) is indexed again by
+``Ingestor.reconcile``.
 
 Path components are UIDs validated against PS3.5 §9.1 (digits and dots,
 at most 64 characters, no empty component, no leading zero in a
@@ -23,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -84,9 +89,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(chunks: Iterable[bytes], tmp_dir: Path, fsync: bool) -> tuple[str, int]:
+_NODE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# A temp name that names its node and process: "<node>.<pid>.<random>.part".
+_OWNED_TEMP = re.compile(r"^[A-Za-z0-9_-]+\.[0-9]+\.[^.]+\.part$")
+
+
+def temp_prefix(node: str, pid: int) -> str:
+    """The start of the temp names that process ``pid`` of ``node`` writes (``<node>.<pid>.``)."""
+    return f"{_NODE_UNSAFE.sub('_', node)[:100] or 'node'}.{pid}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_temp(chunks: Iterable[bytes], tmp_dir: Path, fsync: bool, prefix: str = "") -> tuple[str, int]:
     """Write ``chunks`` to a new private temp file in ``tmp_dir``; its name and size."""
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")  # 0600, a unique name
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=prefix, suffix=".part")  # 0600, a unique name
     size = 0
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -141,8 +166,10 @@ class StoredFile:
 class Spool:
     """The folder of received instances under ``data_dir``."""
 
-    def __init__(self, data_dir: Path, *, min_free_mb: float = 0, fsync: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, min_free_mb: float = 0, fsync: bool = True, node: str | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.node = node or socket.gethostname() or "node"
+        self.prefix = temp_prefix(self.node, os.getpid())
         self.root = self.data_dir / "spool"
         self.tmp = self.data_dir / "tmp"
         self.failed = self.data_dir / "failed"
@@ -152,12 +179,31 @@ class Spool:
             make_private_dir(folder)
 
     def clean_tmp(self) -> int:
-        """Remove partial files left by a crash; return how many."""
+        """Remove this node's partial files left by a crash; return how many.
+
+        A file of this node is removed when the process that wrote it no
+        longer runs (or had this process's id: a container restarted as pid 1).
+        Files of other nodes are left alone: they may be stores in flight.
+        Files without a node in their name come from a version that did not
+        name it; they are removed.
+        """
         removed = 0
+        mine = temp_prefix(self.node, 0)[:-2]  # "<node>."
         for item in self.tmp.iterdir():
-            if item.is_file() or item.is_symlink():
-                item.unlink()
-                removed += 1
+            if not (item.is_file() or item.is_symlink()):
+                continue
+            name = item.name
+            if name.startswith(mine):
+                pid_text = name[len(mine) :].split(".", 1)[0]
+                if not pid_text.isdigit():
+                    continue
+                pid = int(pid_text)
+                if pid != os.getpid() and _pid_alive(pid):
+                    continue
+            elif _OWNED_TEMP.match(name):
+                continue  # another node's
+            item.unlink(missing_ok=True)
+            removed += 1
         return removed
 
     def check_space(self, incoming: int = 0) -> None:
@@ -189,7 +235,7 @@ class Spool:
         self.check_space(size_hint)
         try:
             target.parent.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
-            tmp_name, size = _write_temp(chunks, self.tmp, self.fsync)
+            tmp_name, size = _write_temp(chunks, self.tmp, self.fsync, self.prefix)
         except OSError as exc:
             raise OutOfResources(f"cannot write {target.name}: {exc.strerror or exc}") from exc
         try:

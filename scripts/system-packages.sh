@@ -2,7 +2,8 @@
 # Install the Debian packages that pacs-bridge's tests use, when missing:
 # dcmtk (storescu, echoscu, dsrdump, dcmcjpeg, ...), orthanc (a real PACS),
 # dicom3tools (dciodvfy), chromium (renders the SR as HTML for the pictures),
-# postgresql (a throw-away server for the multi-node tests).
+# postgresql (a throw-away server for the multi-node tests), nodejs and npm
+# (dcmjs reads the SR as OHIF does; tests/node pins it).
 # Runs apt-get only if something is missing.
 set -euo pipefail
 missing=()
@@ -14,8 +15,10 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)  # Selenium drives the web console tests
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # certificates for the DICOM TLS tests
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "system packages present: dcmtk, orthanc, dicom3tools, chromium"
+  echo "system packages present: dcmtk, orthanc, dicom3tools, chromium, nodejs, npm"
   exit 0
 fi
 SUDO=""

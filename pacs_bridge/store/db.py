@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["Database", "open_database"]
@@ -24,6 +24,8 @@ __all__ = ["Database", "open_database"]
 LOGGER = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+# PostgreSQL advisory lock key held while the schema is upgraded ("pacsbrdg" in ASCII).
+_MIGRATION_LOCK = 0x7061637362726467
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -64,14 +66,17 @@ class Database:
         config = Config()
         config.set_main_option("script_location", str(_MIGRATIONS))
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Two nodes upgrading at once wait for each other (the lock ends with the transaction).
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
     def require_current(self) -> None:
         """Raise ConfigError unless the schema is at the newest revision (``pacs-bridge migrate``)."""
+        from alembic.config import Config
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
-        from alembic.config import Config
 
         from pacs_bridge.errors import ConfigError
 

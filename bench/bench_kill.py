@@ -91,6 +91,7 @@ class Sender:
         self.acknowledged: dict[str, Dataset] = {}
         self.stores = 0
         self.failed_stores = 0
+        self.unanswered = 0
         self.associations = 0
         self.refused = 0
         self.storing = threading.Event()
@@ -123,12 +124,20 @@ class Sender:
                     except (RuntimeError, OSError):
                         break
                     self.stores += 1
-                    if status and int(status.Status) == 0:
+                    if not status:
+                        # No answer: the peer is gone (pynetdicom may still call the association
+                        # established, and a release would wait for its timeout). Start again.
+                        self.unanswered += 1
+                        break
+                    if int(status.Status) == 0:
                         self.acknowledged[str(ds.SOPInstanceUID)] = ds
                     else:
                         self.failed_stores += 1
-                if assoc.is_established:
-                    assoc.release()
+                else:
+                    if assoc.is_established:
+                        assoc.release()
+                    continue
+                assoc.abort()
             finally:
                 self.storing.clear()
 
@@ -371,7 +380,8 @@ def main() -> int:
             "associations": sender.associations,
             "associations_refused_while_restarting": sender.refused,
             "c_stores": sender.stores,
-            "c_stores_without_success": sender.failed_stores,
+            "c_stores_unanswered_serve_killed": sender.unanswered,
+            "c_stores_with_a_failure_status": sender.failed_stores,
             "acknowledged": len(sender.acknowledged),
         },
         "acknowledged_lost": instances,

@@ -275,6 +275,7 @@ def _study_rows(settings: Settings, limit: int) -> list[dict[str, Any]]:
                                 "kind": job.kind.value,
                                 "state": job.state.value,
                                 "attempts": job.attempts,
+                                "lease_owner": job.lease_owner,
                                 "destination": job.destination,
                                 "last_error": job.last_error,
                             }

@@ -242,7 +242,7 @@ class DestinationSettings(_Section):
     have no calling AE title and reach neither kind of restricted destination.
     """
 
-    name: str = Field(..., min_length=1, max_length=64, description="Name used in logs and the outbox.")
+    name: str = Field(..., min_length=1, max_length=64, description="Name used in logs, `results` and deliver jobs.")
     type: DestinationType = Field(
         "dicom",
         description="'dicom' (C-STORE), 'dicomweb' (STOW-RS), 'hl7' (ORU^R01 over MLLP), 'fhir' (R4), 'webhook'.",

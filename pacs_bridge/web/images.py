@@ -102,8 +102,8 @@ def _colour(heatmap: npt.NDArray[Any], width: int, height: int) -> tuple[npt.NDA
         values = (values - low) / (peak - low) if peak > low else np.zeros_like(values)
     values = np.clip(cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     colours = cv2.applyColorMap((values * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    # Cold regions stay transparent, so the radiograph is seen where the model did not look.
-    alpha = np.clip((values - 0.15) / 0.5, 0.0, 1.0)
+    # Cold regions stay transparent and warm ones fade in, so the anatomy stays readable under the overlay.
+    alpha = np.clip((values - 0.3) / 0.7, 0.0, 1.0) ** 0.8
     return np.asarray(colours, dtype=np.uint8), alpha
 
 

@@ -3,7 +3,10 @@
 C-STORE (PS3.4 Annex B, Storage Service Class as SCP) writes the bytes as
 received (``event.encoded_dataset()``: File Meta Information plus the data set
 in its transfer syntax, PS3.10 §7) and answers only after the spool file and
-its index row are durable. C-ECHO is the Verification Service Class (PS3.4
+its index row are durable. A request whose command names another SOP class
+or instance than its data set holds is refused with 0xA900 before any byte
+is written (PS3.4 B.2.3), so a success always means "the instance you named
+is safe". C-ECHO is the Verification Service Class (PS3.4
 Annex A). Every handler answers with a status; none raises. A data set cut
 short for its size while it arrived (``receive/network.py``) is answered
 0xA700 without being decoded.
@@ -27,6 +30,7 @@ from pacs_bridge.logsafe import redact
 from pacs_bridge.receive.decode import InflatesTooLarge, dataset_from_c_store
 from pacs_bridge.receive.ingest import (
     STATUS_CANNOT_UNDERSTAND,
+    STATUS_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
     Ingestor,
 )
@@ -193,6 +197,21 @@ class Handlers:
             if stats:
                 stats.failed += 1
             return STATUS_CANNOT_UNDERSTAND
+        request = event.request
+        command_class = str(request.AffectedSOPClassUID or "").strip("\x00 ")
+        context_class = str(event.context.abstract_syntax)
+        if command_class != context_class:
+            # pynetdicom serves a request by its command's SOP class, whatever the context says.
+            LOGGER.warning(
+                "C-STORE from %s refused (0x%04X): the request's Affected SOP Class UID is not the "
+                "presentation context's (%s)",
+                calling,
+                STATUS_MISMATCH,
+                context_class,
+            )
+            if stats:
+                stats.failed += 1
+            return STATUS_MISMATCH
         try:
             outcome = self.ingestor.ingest(
                 ds,
@@ -201,7 +220,8 @@ class Handlers:
                 transfer_syntax=transfer_syntax,
                 calling_aet=calling,
                 source="dicom",
-                expected_sop_class=str(event.context.abstract_syntax),
+                expected_sop_class=context_class,
+                expected_sop_instance=str(request.AffectedSOPInstanceUID or "").strip("\x00 "),
             )
         except Exception:
             LOGGER.exception("C-STORE from %s failed unexpectedly; refused, nothing stored", calling)

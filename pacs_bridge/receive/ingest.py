@@ -224,8 +224,14 @@ class Ingestor:
         calling_aet: str | None,
         source: str,
         expected_sop_class: str | None = None,
+        expected_sop_instance: str | None = None,
     ) -> IngestOutcome:
-        """Store and index one instance; ``chunks`` are its bytes exactly as they will be kept."""
+        """Store and index one instance; ``chunks`` are its bytes exactly as they will be kept.
+
+        ``expected_sop_class`` and ``expected_sop_instance`` are what the
+        C-STORE request names (its presentation context, its Affected SOP
+        Instance UID); a data set that holds something else is refused.
+        """
         started = time.perf_counter()
         read = self._read(ds, transfer_syntax)
         if isinstance(read, IngestOutcome):
@@ -236,6 +242,14 @@ class Ingestor:
             return IngestOutcome(
                 STATUS_MISMATCH,
                 f"SOP Class UID {sop_class} does not match the presentation context {expected_sop_class}",
+                study_uid,
+                sop_uid,
+            )
+        if expected_sop_instance is not None and sop_uid != expected_sop_instance:
+            # The request's value is not validated: it stays out of the message (and so out of the log).
+            return IngestOutcome(
+                STATUS_MISMATCH,
+                "SOP Instance UID of the data set does not match the C-STORE request's Affected SOP Instance UID",
                 study_uid,
                 sop_uid,
             )

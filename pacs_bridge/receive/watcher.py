@@ -21,7 +21,9 @@ Every entry is handled once:
   not tried again until it changes.
 
 So one bad file costs one attempt, never a hot loop, and never delays the
-files after it.
+files after it. File names are the sender's: INFO lines name the instance
+by UID only, and a line that must name the file shows it with every
+non-printable character escaped (no forged or disguised log lines).
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ class _Deferred:
     mtime: float
     not_before: float
     delay: float
+
+
+def _shown(name: str) -> str:
+    """A file name as a log line may show it: every non-printable character escaped.
+
+    A line break would forge a log line, a bidirectional control character
+    would disguise one, and a name that is not valid UTF-8 arrives as lone
+    surrogates; all of them appear as ``\\n``, ``\\u202e``, ``\\udcff``.
+    """
+    return "".join(ch if ch.isprintable() and ch != "\\" else ascii(ch)[1:-1] for ch in name)
 
 
 class _FileFailed(Exception):
@@ -268,13 +280,14 @@ class FolderWatcher:
             path.unlink(missing_ok=True)
         except OSError as exc:
             self._defer(path, st, now, f"ingested, but cannot be removed from the inbox: {exc.strerror or exc}")
+        # File names are the sender's to choose and often carry the patient's name: not at INFO.
         LOGGER.info(
-            "inbox file %s ingested as %s of study %s%s",
-            path.name,
+            "inbox file ingested as %s of study %s%s",
             outcome.sop_instance_uid,
             outcome.study_instance_uid,
             " (duplicate)" if outcome.duplicate else "",
         )
+        LOGGER.debug("inbox file %s was instance %s", _shown(path.name), outcome.sop_instance_uid)
         if not outcome.duplicate and outcome.study_instance_uid:
             self.on_stored(outcome.study_instance_uid)
 
@@ -283,7 +296,7 @@ class FolderWatcher:
         delay = min(previous.delay * 2, _MAX_RETRY_SECONDS) if previous else max(self.poll_seconds, 1.0)
         if previous is None:
             LOGGER.warning(
-                "inbox file %s: %s; it stays in the inbox and is tried again later", path.name, redact(reason)
+                "inbox file %s: %s; it stays in the inbox and is tried again later", _shown(path.name), redact(reason)
             )
         self._deferred[path] = _Deferred(st.st_size, st.st_mtime, now + delay, delay)
 
@@ -297,7 +310,7 @@ class FolderWatcher:
             if path not in self._deferred:
                 LOGGER.error(
                     "inbox file %s failed (%s) and cannot be moved to %s: %s; it is left alone until it changes",
-                    path.name,
+                    _shown(path.name),
                     redact(reason),
                     self.failed_dir,
                     exc.strerror or exc,
@@ -307,4 +320,4 @@ class FolderWatcher:
             return
         self._deferred.pop(path, None)
         # The reason file keeps the details; the log line keeps no value read from the file.
-        LOGGER.warning("inbox file %s failed: %s; moved to %s", path.name, redact(reason), target)
+        LOGGER.warning("inbox file %s failed: %s; moved to %s", _shown(path.name), redact(reason), target)

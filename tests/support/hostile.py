@@ -17,6 +17,7 @@ __all__ = [
     "connect",
     "deflate_bomb",
     "pdata_header",
+    "raw_c_store",
     "raw_file_store",
     "read_pdu",
     "set_element_vr",
@@ -158,3 +159,80 @@ def raw_file_store(assoc: object, path: str) -> int:
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
     return int(status.Status) if status and "Status" in status else -1
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    value += b"\0" * (len(value) % 2)
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _command_status(command: bytes) -> int | None:
+    """The Status (0000,0900) of an Implicit VR Little Endian command set, or None."""
+    offset = 0
+    while offset + 8 <= len(command):
+        group, element, length = struct.unpack("<HHI", command[offset : offset + 8])
+        if (group, element) == (0x0000, 0x0900):
+            return int(struct.unpack("<H", command[offset + 8 : offset + 10])[0])
+        offset += 8 + length
+    return None
+
+
+def raw_c_store(
+    port: int,
+    dataset: bytes,
+    *,
+    command_sop_class: str,
+    command_sop_instance: str,
+    context_sop_class: str,
+    transfer_syntax: str = _EXPLICIT_LE,
+    fragment: int = 8192,
+) -> int | None:
+    """One C-STORE-RQ (PS3.7 9.3.1.1) whose command says what the caller wants, on a fresh association.
+
+    The command set is built by hand, so its Affected SOP Class and Instance
+    UIDs may differ from the data set's (as a broken or hostile SCU's may).
+    Returns the response's Status, or None if none came (association
+    refused, aborted or closed).
+    """
+    sock = connect(port)
+    try:
+        sock.sendall(associate_rq(abstract_syntaxes=(context_sop_class,), transfer_syntaxes=(transfer_syntax,)))
+        answer = read_pdu(sock)
+        if answer is None or answer[0] != 0x02:
+            return None
+        command = (
+            _command_element(0x0002, command_sop_class.encode())
+            + _command_element(0x0100, struct.pack("<H", 0x0001))
+            + _command_element(0x0110, struct.pack("<H", 1))
+            + _command_element(0x0700, struct.pack("<H", 0))
+            + _command_element(0x0800, struct.pack("<H", 0x0000))
+            + _command_element(0x1000, command_sop_instance.encode())
+        )
+        command = struct.pack("<HHII", 0x0000, 0x0000, 4, len(command)) + command
+
+        def pdv(control: int, data: bytes) -> bytes:
+            item = struct.pack(">IB", len(data) + 2, 1) + bytes([control]) + data
+            return pdata_header(len(item)) + item
+
+        sock.sendall(pdv(0x03, command))
+        chunks = [dataset[n : n + fragment] for n in range(0, len(dataset), fragment)] or [b""]
+        for n, chunk in enumerate(chunks):
+            sock.sendall(pdv(0x02 if n == len(chunks) - 1 else 0x00, chunk))
+        response = b""
+        while True:
+            pdu = read_pdu(sock, timeout=30)
+            if pdu is None or pdu[0] != 0x04:
+                return None
+            body = pdu[1]
+            offset = 0
+            while offset + 6 <= len(body):
+                (length,) = struct.unpack(">I", body[offset : offset + 4])
+                control = body[offset + 5]
+                response += body[offset + 6 : offset + 4 + length]
+                offset += 4 + length
+                if control & 0x01 and control & 0x02:
+                    sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)  # A-RELEASE-RQ
+                    read_pdu(sock)
+                    return _command_status(response)
+    finally:
+        sock.close()

@@ -57,7 +57,7 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom import AE  # noqa: E402
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # noqa: E402
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]  # noqa: E402
 
 from tests.support.dicom_files import make_radiograph  # noqa: E402
 from tests.support.fuzz import echo  # noqa: E402
@@ -75,6 +75,8 @@ def radiographs() -> list[npt.NDArray[np.float64]]:
     pictures = []
     for path in sorted(FIXTURES.glob("*/*.jpg")):
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise FileNotFoundError(f"cannot read {path}")
         scale = 192 / min(image.shape)
         size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
         pictures.append(cv2.resize(image, size, interpolation=cv2.INTER_AREA).astype(np.float64) / 255.0)

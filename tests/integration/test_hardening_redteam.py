@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,9 @@ def stored_uids(server: ServeProcess) -> set[str]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> ServeProcess:
+def server(tmp_path: Path) -> Iterator[ServeProcess]:
     with ServeProcess(tmp_path / "srv", {"watch": {"stable_seconds": 0.2}}) as srv:
-        yield srv  # type: ignore[misc]
+        yield srv
 
 
 def test_c_store_whose_command_names_another_instance_or_class_is_refused(server: ServeProcess) -> None:

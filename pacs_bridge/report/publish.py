@@ -44,8 +44,9 @@ from pacs_bridge.report import summary as summary_module
 from pacs_bridge.report.capture import build_capture
 from pacs_bridge.report.findings import FailedImage, FindingInput, ModelInfo
 from pacs_bridge.report.gsps import build_gsps
-from pacs_bridge.report.revision import PriorObject, Revision, content_digest, revision_digest
+from pacs_bridge.report.revision import PROBABILITY_DECIMALS, PriorObject, Revision, content_digest, revision_digest
 from pacs_bridge.report.sr import build_sr
+from pacs_bridge.report.study_result import ImageFinding, NotAnalysed, StudyResult, build_study_result
 from pacs_bridge.report.summary import SummaryImage, build_summary
 from pacs_bridge.report.uids import content_series_uid, content_uid, is_valid_uid
 from pacs_bridge.store.db import Database
@@ -71,6 +72,7 @@ KIND_SR = "sr"
 KIND_CAPTURE = "capture"
 KIND_GSPS = gsps_module.KIND
 KIND_SUMMARY = summary_module.KIND
+KIND_RESULT = "result"
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 """Comprehensive 3D SR Storage (PS3.4 B.5), the class of every SR this package writes."""
 
@@ -122,6 +124,77 @@ def write_dataset(dataset: Dataset, path: Path, *, fsync: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
+def write_document(text: str, path: Path, *, fsync: bool = True) -> None:
+    """Write a text document (the study result JSON) so that ``path`` holds either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            if fsync:
+                os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def _text(source: Dataset, keyword: str) -> str | None:
+    value = source.get(keyword)
+    return str(value) if value not in (None, "") else None
+
+
+def _result_document(
+    headers: list[Dataset],
+    findings: list[FindingInput],
+    results: _StudyResults,
+    model: ModelInfo,
+    revision: Revision,
+    sr: Written | None,
+) -> StudyResult:
+    """The study result that RIS messages and webhooks are built from (:mod:`pacs_bridge.report.study_result`).
+
+    Identifiers come from the first source header (PS3.3 C.7.1.1 Patient
+    Module, C.7.2.1 General Study Module); its time is the revision's content
+    time, so the same content gives the same document byte for byte.
+    """
+    first = headers[0]
+    items = [
+        ImageFinding(
+            sop_instance_uid=f.sop_instance_uid,
+            series_instance_uid=str(h.SeriesInstanceUID),
+            probability=round(float(f.probability), PROBABILITY_DECIMALS),
+            fracture=f.fracture,
+            body_part=f.body_part,
+            boxes=f.boxes,
+        )
+        for h, f in zip(headers, findings, strict=True)
+    ]
+    modalities = sorted({str(h.get("Modality") or "") for h in headers} - {""})
+    return build_study_result(
+        study_instance_uid=results.study_uid,
+        model_name=model.name,
+        model_version=model.version,
+        threshold=model.threshold,
+        findings=items,
+        not_analysed=[NotAnalysed(f.sop_instance_uid, f.reason) for f in results.failed],
+        accession_number=_text(first, "AccessionNumber"),
+        patient_id=_text(first, "PatientID"),
+        patient_name=_text(first, "PatientName"),
+        study_date=_text(first, "StudyDate"),
+        study_description=_text(first, "StudyDescription"),
+        modalities=modalities,
+        calling_aet=results.calling_aet,
+        sr_sop_instance_uid=sr.sop_instance_uid if sr else None,
+        sr_series_instance_uid=sr.series_instance_uid if sr else None,
+        created_at=revision.content_datetime,
+        revision=revision.number,
+    )
+
+
 def _load_heatmap(path: str | None, sop_instance_uid: str) -> npt.NDArray[np.float32] | None:
     if not path:
         return None
@@ -150,6 +223,7 @@ class _StudyResults:
     analysed: list[_Analysed] = field(default_factory=list)
     failed: list[FailedImage] = field(default_factory=list)
     newest: datetime | None = None
+    calling_aet: str | None = None
 
 
 def _boxes(result: InstanceResult) -> tuple[tuple[float, float, float, float], ...]:
@@ -167,7 +241,7 @@ def _read_results(db: Database, study_id: int) -> _StudyResults:
         study = session.get(Study, study_id)
         if study is None:
             raise LookupError(f"no study with id {study_id}")
-        out = _StudyResults(study.study_instance_uid)
+        out = _StudyResults(study.study_instance_uid, calling_aet=study.calling_aet)
         rows = session.execute(
             select(Instance, InstanceResult)
             .join(InstanceResult, InstanceResult.instance_id == Instance.id)
@@ -343,7 +417,7 @@ def record_outputs(
     return rows
 
 
-_REVISED_KINDS = (KIND_SR, KIND_CAPTURE, KIND_GSPS, KIND_SUMMARY)
+_REVISED_KINDS = (KIND_SR, KIND_CAPTURE, KIND_GSPS, KIND_SUMMARY, KIND_RESULT)
 """The kinds a newer revision replaces."""
 
 
@@ -436,7 +510,16 @@ def publish_study(db: Database, study_id: int, settings: Settings) -> Publicatio
             presentation_states=states,
             companions=companions,
         )
-        keep(KIND_SR, sr)
+        sr_written: Written | None = keep(KIND_SR, sr)
+    else:
+        sr_written = None
+
+    if findings:
+        document = _result_document(headers, findings, results, model, revision, sr_written)
+        uid = revision.sop_instance_uid(KIND_RESULT)
+        path = output_path(data_dir, study_uid, uid).with_suffix(".json")
+        write_document(document.to_json(), path, fsync=fsync)
+        written.append(Written(KIND_RESULT, "", uid, revision.series_instance_uid(KIND_RESULT), path))
 
     LOGGER.info(
         "study %s: built %d result object(s) by %s, revision %d",

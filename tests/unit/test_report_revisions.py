@@ -108,8 +108,8 @@ def test_same_content_gives_the_same_objects(tmp_path: Path, db: Database, setti
     _add_image(db, tmp_path, 1, probability=0.93)
     _add_image(db, tmp_path, 2, probability=0.07)
     first = _publish(db, settings)
-    assert {w.kind for w in first.objects} == {"sr", "capture", "gsps", "summary"}
-    assert len(first.objects) == 6  # SR, 2 captures, 2 presentation states, 1 summary
+    assert {w.kind for w in first.objects} == {"sr", "capture", "gsps", "summary", "result"}
+    assert len(first.objects) == 7  # SR, 2 captures, 2 presentation states, 1 summary, the result document
     first_bytes = {w.sop_instance_uid: w.path.read_bytes() for w in first.objects}
     again = _publish(db, settings)
     assert _uids(again) == _uids(first)
@@ -184,7 +184,7 @@ def test_sr_parses_with_highdicom_and_names_its_companions(tmp_path: Path, db: D
         for series in study.ReferencedSeriesSequence
         for ref in series.ReferencedSOPSequence
     }
-    assert companions == {w.sop_instance_uid for w in publication.objects if w.kind != "sr"}
+    assert companions == {w.sop_instance_uid for w in publication.objects if w.kind not in ("sr", "result")}
     gsps = {w.sop_instance_uid for w in publication.objects if w.kind == "gsps"}
     assert gsps and {uid for uid in gsps} == {
         item.ReferencedSOPSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID

@@ -58,7 +58,9 @@ def make_settings(tmp_path: Path, **web: Any) -> Settings:
             "api_tokens": [hash_token(TOKEN)],
             **web,
         },
-        "destinations": [{"name": "main-pacs", "ae_title": "MAINPACS", "host": "127.0.0.1", "port": 1}],
+        "destinations": [
+            {"name": "main-pacs", "ae_title": "MAINPACS", "host": "127.0.0.1", "port": 1, "objects": ["sr", "capture"]}
+        ],
         "send": {"retry_for_hours": 1e-6, "timeout": 2},
         "queue": {"poll_seconds": 0.1},
     }

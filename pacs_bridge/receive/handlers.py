@@ -247,7 +247,9 @@ class Handlers:
                 stats.duplicates += 1
             else:
                 stats.stored += 1
-        if not outcome.duplicate and outcome.study_instance_uid:
+        if outcome.settle_queued and outcome.study_instance_uid:
+            # Wake the settle stage only for a job it has not seen: later instances of the study only
+            # move its quiet period, which the settle job reads when it comes due.
             self.on_stored(outcome.study_instance_uid)
         return 0x0000
 

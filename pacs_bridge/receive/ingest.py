@@ -40,7 +40,7 @@ from pacs_bridge.logsafe import redact
 from pacs_bridge.receive.decode import dataset_from_part10
 from pacs_bridge.receive.failed import FailedFolder
 from pacs_bridge.store.db import Database
-from pacs_bridge.store.index import FastIndex, InstanceRecord, find_instance
+from pacs_bridge.store.index import Added, FastIndex, InstanceRecord, find_instance
 from pacs_bridge.store.models import Instance
 from pacs_bridge.store.spool import Spool, valid_uid
 
@@ -77,6 +77,8 @@ class IngestOutcome:
     duplicate: bool = False
     retryable: bool = False
     """True for a refusal that may succeed later unchanged (disk full, database busy)."""
+    settle_queued: bool = False
+    """True when this instance queued its study's settle job (the first of a study, or of a late batch)."""
 
     @property
     def ok(self) -> bool:
@@ -315,19 +317,21 @@ class Ingestor:
             **attributes,
         )
         try:
-            duplicate = not self._commit(record)
+            added = self._commit(record)
         except (OperationalError, IntegrityError, OSError) as exc:
             LOGGER.error("instance %s not indexed, refused: %s", sop_uid, _error_text(exc))
             self._discard(path)
             return IngestOutcome(
                 STATUS_OUT_OF_RESOURCES, "database error; try again", study_uid, sop_uid, retryable=True
             )
-        if duplicate:
+        if not added.new:
             # Same SOP Instance UID already stored under another study: keep the first.
             LOGGER.warning("instance %s received again under study %s; the first copy is kept", sop_uid, study_uid)
             self._discard(path)
             return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, stored.size, True)
-        return IngestOutcome(STATUS_SUCCESS, "stored", study_uid, sop_uid, stored.size)
+        return IngestOutcome(
+            STATUS_SUCCESS, "stored", study_uid, sop_uid, stored.size, settle_queued=added.settle_queued
+        )
 
     def _discard(self, path: Path) -> None:
         """Remove a file this store created, unless a row points to it (then it is someone's acknowledged copy)."""
@@ -375,7 +379,7 @@ class Ingestor:
         LOGGER.warning("instance %s: an unindexed spool file was found and indexed (%s)", sop_uid, indexed)
         return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, known.size_bytes, True)
 
-    def _commit(self, record: InstanceRecord) -> bool:
+    def _commit(self, record: InstanceRecord) -> Added:
         attempts = 0
         while True:
             attempts += 1
@@ -415,7 +419,7 @@ class Ingestor:
             source=source,
             **_describe(ds),
         )
-        return "indexed" if self._commit(record) else "already indexed"
+        return "indexed" if self._commit(record).new else "already indexed"
 
     def _quarantine(self, path: Path, reason: str) -> None:
         try:

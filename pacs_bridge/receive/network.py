@@ -29,11 +29,22 @@ request_handler=...)``) and replaces the one method that reads PDUs:
   fragments are read and dropped, and the C-STORE handler answers 0xA700
   for it (see :meth:`GuardedDUL.take_refusal`), so memory never holds more
   than the limit and the association goes on.
+
+Both loops of an association wait for their work instead of polling: the
+DUL reactor sleeps in ``select`` on the socket and a wake-up socket that
+every primitive handed to it (a C-STORE response, an A-RELEASE-RP) rings,
+and the association reactor (:class:`PromptAssociation`) waits on its
+message queue. pynetdicom sleeps a fixed millisecond in each loop, up to
+three sleeps per C-STORE, and wakes a thousand times a second while idle.
+pynetdicom's own log handlers, which format every PDU for its DEBUG log, are
+unbound unless that log is on.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import select
 import socket
 import ssl
 import struct
@@ -43,10 +54,19 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from pynetdicom import evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
+from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-__all__ = ["GuardedDUL", "GuardedRequestHandler", "GuardedServer", "NetworkLimits"]
+__all__ = ["GuardedDUL", "GuardedRequestHandler", "GuardedServer", "NetworkLimits", "PromptAssociation"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,7 +76,14 @@ _MAX_ASSOCIATE_PDU = 1 << 20
 # A-ASSOCIATE-RJ, A-RELEASE-RQ/RP, A-ABORT carry 4 bytes (PS3.8 9.3.4, 9.3.6-9.3.8).
 _MAX_SMALL_PDU = 64
 _MAX_COMMAND_SET = 64 * 1024
-_RECV_CHUNK = 1 << 16
+_STANDARD_LOG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+# Longest wait of an idle reactor before it looks at its timers (ARTIM, idle, release and abort flags).
+_IDLE_WAIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -102,22 +129,32 @@ class _Throttled:
 _THROTTLED = _Throttled()
 
 
-def _recv_exactly(raw: socket.socket, count: int, deadline: float) -> bytes:
-    """Read ``count`` bytes before ``deadline``; fewer if the peer closes. Raises :class:`_Deadline`."""
-    buf = bytearray()
-    while len(buf) < count:
+def _recv_into(raw: socket.socket, view: memoryview, deadline: float) -> int:
+    """Fill ``view`` from the socket before ``deadline``; fewer bytes if the peer closes. Raises :class:`_Deadline`.
+
+    The bytes land in their final buffer: a P-DATA-TF of megabytes is not
+    gathered in pieces and copied again.
+    """
+    received = 0
+    while received < len(view):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _Deadline(len(buf))
+            raise _Deadline(received)
         raw.settimeout(remaining)
         try:
-            chunk = raw.recv(min(count - len(buf), _RECV_CHUNK))
+            count = raw.recv_into(view[received:])
         except TimeoutError:
-            raise _Deadline(len(buf)) from None
-        if not chunk:
+            raise _Deadline(received) from None
+        if not count:
             break
-        buf += chunk
-    return bytes(buf)
+        received += count
+    return received
+
+
+def _recv_exactly(raw: socket.socket, count: int, deadline: float) -> bytes:
+    """Read ``count`` bytes before ``deadline``; fewer if the peer closes. Raises :class:`_Deadline`."""
+    buf = bytearray(count)
+    return bytes(buf[: _recv_into(raw, memoryview(buf), deadline)])
 
 
 class GuardedDUL(DULServiceProvider):
@@ -133,6 +170,97 @@ class GuardedDUL(DULServiceProvider):
         self._command_bytes = 0
         self._dataset_bytes = 0
         self._discarding = False
+        self._bell_rx, self._bell_tx = socket.socketpair()
+        self._bell_rx.setblocking(False)
+        self._bell_tx.setblocking(False)
+
+    def _ring(self) -> None:
+        """Wake the reactor if it waits (a byte on the wake-up socket)."""
+        try:
+            self._bell_tx.send(b"\0")
+        except OSError:  # already ringing (buffer full) or closed with the reactor
+            pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        """Queue a primitive for the peer (PS3.8 §9.1) and wake the reactor to send it now."""
+        super().send_pdu(primitive)
+        self._ring()
+
+    def kill_dul(self) -> None:
+        """Stop the reactor at once."""
+        super().kill_dul()
+        self._ring()
+
+    def _wait_for_work(self) -> None:
+        """Sleep until the socket is readable, a primitive is queued, or :data:`_IDLE_WAIT` has passed."""
+        wrapper = self.socket
+        raw = wrapper.socket if wrapper is not None else None
+        if raw is None or raw.fileno() < 0:
+            time.sleep(0.001)
+            return
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return  # decrypted bytes wait in the TLS layer, where select cannot see them
+        try:
+            select.select([raw, self._bell_rx], [], [], _IDLE_WAIT)
+        except (OSError, ValueError):
+            time.sleep(0.001)
+        try:
+            while self._bell_rx.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def run_reactor(self) -> None:
+        """The DUL reactor (PS3.8 §9.2 state machine), waiting for work instead of polling.
+
+        One step per turn, as in pynetdicom: send a queued primitive, or read a
+        PDU, then run the next state machine event; when a turn found nothing
+        to do the reactor waits in :meth:`_wait_for_work`.
+        """
+        self._idle_timer.start()
+        idle = False
+        try:
+            while True:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                if idle:
+                    self._wait_for_work()
+                if self._kill_thread:
+                    return
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                try:
+                    if not self._process_recv_primitive() and self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception:
+                    LOGGER.exception("association from %s: upper layer failed; aborted", self._peer)
+                    self._abort_hard()
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    idle = True
+                    continue
+                self.state_machine.do_action(event)
+                idle = False
+        finally:
+            self._bell_rx.close()
+            self._bell_tx.close()
+
+    def _abort_hard(self) -> None:
+        """A-ABORT sent past the state machine, whose state can no longer be trusted (PS3.8 §9.3.8)."""
+        pdu = A_ABORT_RQ()
+        pdu.source = 0x02
+        pdu.reason_diagnostic = 0x00
+        try:
+            if self.socket is not None:
+                self.socket.send(pdu.encode())
+        except Exception:
+            pass
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
 
     @property
     def _peer(self) -> str:
@@ -187,7 +315,10 @@ class GuardedDUL(DULServiceProvider):
             if pdu_length > limit:
                 self._refuse_pdu("PDU type 0x%02X of %d bytes exceeds %s (%d)", pdu_type, pdu_length, name, limit)
                 return
-            body = _recv_exactly(raw, pdu_length, deadline)
+            # Whole PDU in one buffer (the length is bounded above), as the decoder takes it.
+            pdu_bytes = bytearray(6 + pdu_length)
+            pdu_bytes[:6] = header
+            received = _recv_into(raw, memoryview(pdu_bytes)[6:], deadline)
         except _Deadline as exc:
             _THROTTLED.warning(
                 f"slow:{self._peer}",
@@ -208,11 +339,11 @@ class GuardedDUL(DULServiceProvider):
                     raw.settimeout(self.limits.network_timeout)
                 except OSError:
                     pass
-        if len(body) != pdu_length:
+        if received != pdu_length:
             self._close()  # the peer closed in the middle of a PDU
             return
         try:
-            pdu, event = self._decode_pdu(bytearray(header + body))
+            pdu, event = self._decode_pdu(pdu_bytes)
         except Exception as exc:
             self._refuse_pdu("PDU type 0x%02X cannot be decoded (%s)", pdu_type, type(exc).__name__)
             return
@@ -281,6 +412,54 @@ class GuardedDUL(DULServiceProvider):
         return True
 
 
+class PromptAssociation(Association):
+    """An acceptor association whose reactor waits on its message queue instead of sleeping."""
+
+    def _run_reactor(self) -> None:
+        """Serve DIMSE requests (PS3.7 §9) as they complete; end on release, abort or timeout.
+
+        The checks are pynetdicom's, in its order; only the wait differs: a
+        request that completes wakes the loop at once.
+        """
+        self._is_paused = False
+        messages = self.dimse.msg_queue
+        while not self._kill:
+            with messages.not_empty:  # holds the queue's own mutex: look at its deque, not qsize()
+                if not messages.queue:
+                    messages.not_empty.wait(_IDLE_WAIT / 50)
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, message = self.dimse.get_msg(block=False)
+            if message:
+                self._serve_request(message, int(context_id or 0))
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOGGER.debug("association released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for the A-ABORT
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                LOGGER.warning(
+                    "association from %s ended: no PDU within [dicom] network_timeout", self.requestor.address
+                )
+                self.abort()  # the listener never sets network_timeout_response to A-RELEASE
+                self.kill()
+                return
+
+
 class GuardedRequestHandler(RequestHandler):
     """Per connection, in its own thread: the TLS handshake, then an association with a :class:`GuardedDUL`."""
 
@@ -319,6 +498,12 @@ class GuardedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
+        assoc.__class__ = PromptAssociation  # only _run_reactor differs; built by pynetdicom as usual
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            # pynetdicom's own handlers format every PDU and DIMSE message for its DEBUG log even when
+            # nothing prints it; they stay when that log is on, to debug a peer.
+            for event, handler in _STANDARD_LOG_HANDLERS:
+                assoc.unbind(event, handler)
         # Swap in the guarded DUL before the association thread starts. The socket
         # wrapper queued its transport-connection event (Evt5) on the first DUL: move it.
         plain = assoc.dul

@@ -12,13 +12,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from pacs_bridge.store.models import Instance, InstanceState, Job, JobKind, JobState, Series, Study, StudyState, utcnow
 
-__all__ = ["FastIndex", "InstanceRecord", "find_instance"]
+__all__ = ["Added", "FastIndex", "InstanceRecord", "find_instance"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,16 @@ class InstanceRecord:
     instance_number: int | None = None
 
 
+@dataclass(frozen=True)
+class Added:
+    """What :meth:`FastIndex.add` did."""
+
+    new: bool
+    """False when the SOP Instance UID was already indexed (nothing changed)."""
+    settle_queued: bool = False
+    """True when the study had no pending settle job and this instance queued one."""
+
+
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     """The instance row for a SOP Instance UID, if stored."""
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
@@ -67,8 +77,31 @@ def _select_or_insert(conn: Connection, table: Any, where: Any, values: dict[str
     return int(conn.execute(insert(table).values(**values).returning(table.id)).scalar_one())
 
 
-def _queue_settle(conn: Connection, study_id: int, now: datetime) -> None:
-    """Make sure a settle job is pending for the study (PS3.4 has no "study complete" for C-STORE)."""
+# Statements built once: each instance only binds its values, so SQLAlchemy finds the compiled
+# form in its cache without rebuilding and re-keying a statement per instance.
+_FIND_INSTANCE = select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop"))
+_STUDY_RECEIVED = (
+    update(Study)
+    .where(Study.id == bindparam("sid"))
+    .values(
+        state=StudyState.RECEIVING,
+        state_reason=None,
+        settled_at=None,
+        last_received_at=bindparam("now"),
+        instance_count=Study.instance_count + 1,
+        total_bytes=Study.total_bytes + bindparam("size"),
+    )
+)
+_INSERT_INSTANCE = insert(Instance)
+_QUEUE_SETTLE_SQLITE = sqlite.insert(Job).on_conflict_do_nothing()
+_QUEUE_SETTLE_PG = postgresql.insert(Job).on_conflict_do_nothing()
+
+
+def _queue_settle(conn: Connection, study_id: int, now: datetime) -> bool:
+    """Make sure a settle job is pending for the study (PS3.4 has no "study complete" for C-STORE).
+
+    True if this call queued it (none was pending): only then is there news for the settle stage.
+    """
     values: dict[str, Any] = {
         "kind": JobKind.SETTLE,
         "state": JobState.PENDING,
@@ -79,10 +112,8 @@ def _queue_settle(conn: Connection, study_id: int, now: datetime) -> None:
         "created_at": now,
         "updated_at": now,
     }
-    if conn.dialect.name == "postgresql":
-        conn.execute(postgresql.insert(Job).values(**values).on_conflict_do_nothing())
-    else:
-        conn.execute(sqlite.insert(Job).values(**values).on_conflict_do_nothing())
+    statement = _QUEUE_SETTLE_PG if conn.dialect.name == "postgresql" else _QUEUE_SETTLE_SQLITE
+    return bool(conn.execute(statement, values).rowcount)
 
 
 class FastIndex:
@@ -109,12 +140,11 @@ class FastIndex:
         if len(self._studies) > self._max or len(self._series) > self._max:
             self.clear()
 
-    def add(self, conn: Connection, record: InstanceRecord, now: datetime | None = None) -> bool:
-        """Insert ``record`` unless its SOP Instance UID is known; True if it is new."""
+    def add(self, conn: Connection, record: InstanceRecord, now: datetime | None = None) -> Added:
+        """Insert ``record`` unless its SOP Instance UID is known."""
         now = now or utcnow()
-        known = conn.execute(select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)).first()
-        if known is not None:
-            return False
+        if conn.execute(_FIND_INSTANCE, {"sop": record.sop_instance_uid}).first() is not None:
+            return Added(new=False)
         self._trim()
         study_id = self._studies.get(record.study_instance_uid)
         if study_id is None:
@@ -140,21 +170,13 @@ class FastIndex:
                 ),
             )
             self._studies[record.study_instance_uid] = study_id
-        values: dict[str, Any] = {
-            "state": StudyState.RECEIVING,
-            "state_reason": None,
-            "settled_at": None,
-            "last_received_at": now,
-            "instance_count": Study.instance_count + 1,
-            "total_bytes": Study.total_bytes + record.size_bytes,
-        }
         seen = self._modalities.get(study_id)
         if record.modality and (seen is None or record.modality not in seen):
             current = conn.execute(select(Study.modalities).where(Study.id == study_id)).scalar()
             merged = _merge_modalities(current, record.modality)
-            values["modalities"] = merged
+            conn.execute(update(Study).where(Study.id == study_id).values(modalities=merged))
             self._modalities[study_id] = set(filter(None, (merged or "").split("\\")))
-        conn.execute(update(Study).where(Study.id == study_id).values(**values))
+        conn.execute(_STUDY_RECEIVED, {"sid": study_id, "now": now, "size": record.size_bytes})
         series_id = self._series.get(record.series_instance_uid)
         if series_id is None:
             series_id = _select_or_insert(
@@ -172,20 +194,21 @@ class FastIndex:
             )
             self._series[record.series_instance_uid] = series_id
         # The study's settle job (one pending per study): it runs once the study is quiet.
-        _queue_settle(conn, study_id, now)
+        settle_queued = _queue_settle(conn, study_id, now)
         conn.execute(
-            insert(Instance).values(
-                sop_instance_uid=record.sop_instance_uid,
-                sop_class_uid=record.sop_class_uid,
-                study_id=study_id,
-                series_id=series_id,
-                instance_number=record.instance_number,
-                transfer_syntax_uid=record.transfer_syntax_uid,
-                file_path=str(record.file_path),
-                size_bytes=record.size_bytes,
-                calling_aet=record.calling_aet,
-                received_at=now,
-                state=InstanceState.PENDING,
-            )
+            _INSERT_INSTANCE,
+            {
+                "sop_instance_uid": record.sop_instance_uid,
+                "sop_class_uid": record.sop_class_uid,
+                "study_id": study_id,
+                "series_id": series_id,
+                "instance_number": record.instance_number,
+                "transfer_syntax_uid": record.transfer_syntax_uid,
+                "file_path": str(record.file_path),
+                "size_bytes": record.size_bytes,
+                "calling_aet": record.calling_aet,
+                "received_at": now,
+                "state": InstanceState.PENDING,
+            },
         )
-        return True
+        return Added(new=True, settle_queued=settle_queued)

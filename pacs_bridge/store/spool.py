@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,44 @@ def write_durably(target: Path, chunks: Iterable[bytes], tmp_dir: Path, *, fsync
     return size
 
 
+class _FolderSync:
+    """fsync of a folder shared by the stores that need it at the same time (group commit).
+
+    A store asks after its link is in place. An fsync that *began* after the
+    link makes it durable, so a store that finds another thread's fsync
+    already running waits for it and then, unless a later one has covered
+    it meanwhile, runs one itself: with several associations writing into one
+    study folder, each fsync covers every link made before it began.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: dict[Path, tuple[threading.Lock, list[int]]] = {}
+
+    def _state(self, folder: Path) -> tuple[threading.Lock, list[int]]:
+        with self._lock:
+            state = self._folders.get(folder)
+            if state is None:
+                if len(self._folders) > 1000:
+                    self._folders.clear()  # a dropped entry only costs one fsync more
+                state = self._folders[folder] = (threading.Lock(), [0, 0])  # [links made, links synced]
+            return state
+
+    def sync(self, folder: Path) -> None:
+        """Return once every link made in ``folder`` before this call is durable."""
+        lock, counts = self._state(folder)
+        with self._lock:
+            counts[0] += 1
+            ticket = counts[0]
+        with lock:
+            if counts[1] >= ticket:
+                return  # an fsync that began after our link has finished
+            with self._lock:
+                covered = counts[0]
+            fsync_dir(folder)
+            counts[1] = max(counts[1], covered)
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """The outcome of :meth:`Spool.store`."""
@@ -175,6 +214,7 @@ class Spool:
         self.failed = self.data_dir / "failed"
         self.min_free_bytes = int(min_free_mb * 1024 * 1024)
         self.fsync = fsync
+        self._folder_sync = _FolderSync()
         for folder in (self.data_dir, self.root, self.tmp):
             make_private_dir(folder)
 
@@ -248,7 +288,7 @@ class Spool:
             _unlink_quietly(tmp_name)
         if self.fsync:
             try:
-                fsync_dir(target.parent)
+                self._folder_sync.sync(target.parent)
             except OSError as exc:
                 # The file is whole but its name may not survive a power cut: refuse so the sender retries.
                 # The file stays (a retry finds it and indexes it); nothing acknowledged depends on it yet.

@@ -20,17 +20,16 @@ one in the URL, 0xC122 the part's media type is not ``application/dicom``.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from pacs_bridge.logsafe import redact
+from pacs_bridge.receive.decode import InflatesTooLarge, NotDicom, dataset_from_part10
 
 __all__ = [
     "FAILURE_CANNOT_UNDERSTAND",
@@ -200,9 +199,13 @@ def store_parts(ingestor: Any, parts: list[Part], *, study_uid: str | None, max_
             continue
         data = _with_preamble(part.data)
         try:
-            ds = pydicom.dcmread(io.BytesIO(data))
+            # Deflated parts inflate within [dicom] max_instance_mb, as over C-STORE (no deflate bomb).
+            ds = dataset_from_part10(data, int(getattr(ingestor, "max_instance_bytes", max_bytes)))
             transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        except (InvalidDicomError, AttributeError) as exc:
+        except InflatesTooLarge as exc:
+            result.failed.append(("", "", FAILURE_OUT_OF_RESOURCES, f"part {index}: {exc}"))
+            continue
+        except (InvalidDicomError, NotDicom, AttributeError) as exc:
             result.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, f"part {index}: not a PS3.10 file ({exc})"))
             continue
         except Exception as exc:

@@ -12,7 +12,6 @@ heatmap and build the report; then it is forgotten.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import secrets
@@ -132,10 +131,13 @@ def _display_name(name: str) -> str:
 def _decode(data: bytes, kind: str, max_pixels: int) -> npt.NDArray[np.float32]:
     """The display image of the upload, through a private temporary file removed at once."""
     if kind == "dicom":
-        import pydicom
+        from pacs_bridge.receive.decode import InflatesTooLarge, dataset_from_part10
 
+        # A deflated data set may inflate to what the pixel cap allows (4 bytes a pixel), never more.
         try:
-            ds = pydicom.dcmread(io.BytesIO(data))
+            ds = dataset_from_part10(data, 4 * max_pixels + (1 << 20))
+        except InflatesTooLarge as exc:
+            raise UploadError(f"the DICOM file is too large once inflated ({exc})") from exc
         except Exception as exc:
             raise UploadError(f"not a readable DICOM file: {exc}") from exc
         if "PixelData" not in ds:

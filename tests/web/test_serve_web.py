@@ -21,6 +21,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from requests.exceptions import HTTPError
 
 from pacs_bridge.web.auth import hash_password, hash_token
+from tests.support.hostile import deflate_bomb
 from tests.support.serve import ServeProcess, free_port
 from tests.support.tiny_model import build_tiny_model
 from tests.web.conftest import PASSWORD, TOKEN, stored_radiograph
@@ -238,3 +239,50 @@ def test_first_login_uses_a_one_time_password_printed_once(tmp_path: Path) -> No
         assert client.post("/login", data=form).status_code == 303
         assert client.get("/api/studies").status_code == 200
         assert srv.log().count(password.group(1)) == 1
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_stow_rs_and_upload_refuse_a_deflate_bomb_without_inflating_it(tmp_path: Path) -> None:
+    """A deflated part that inflates past the limits is refused (0xA700 / a clear message), the good part stored.
+
+    [dicom] max_instance_mb bounds STOW-RS parts as it bounds C-STORE; an upload may inflate to what
+    [analysis] max_pixels allows.
+    """
+
+    config = web_config(tmp_path)
+    config["dicom"] = {"max_instance_mb": 8}
+    config["analysis"]["max_pixels"] = 4_000_000
+    with ServeProcess(tmp_path / "srv", config) as server:
+        _refuse_bombs(server)
+
+
+def _refuse_bombs(server: ServeProcess) -> None:
+    assert server.proc is not None
+    before = _peak_rss_mib(server.proc.pid)
+    study_uid = generate_uid()
+    bomb = deflate_bomb(512 << 20, generate_uid(), study_uid, generate_uid())
+    assert len(bomb) < 2 << 20  # small on the wire
+    good, good_bytes = stored_radiograph(study_uid=study_uid)
+    body = multipart([("application/dicom", bomb), ("application/dicom", good_bytes)])
+    headers = {**BEARER, "Content-Type": 'multipart/related; type="application/dicom"; boundary=pb-test-boundary'}
+    response = httpx.post(f"{base_url(server)}/dicomweb/studies", content=body, headers=headers, timeout=60)
+    assert response.status_code == 202
+    data = response.json()
+    assert [item[FAILURE_REASON]["Value"][0] for item in data[FAILED_SOP_SEQUENCE]["Value"]] == [0xA700]
+    stored = [item[REFERENCED_SOP_INSTANCE_UID]["Value"] for item in data[REFERENCED_SOP_SEQUENCE]["Value"]]
+    assert stored == [[good.SOPInstanceUID]]
+
+    upload = httpx.post(
+        f"{base_url(server)}/api/uploads", files={"files": ("bomb.dcm", bomb)}, headers=BEARER, timeout=60
+    )
+    assert upload.status_code in (200, 400, 422), upload.text
+    assert "too large once inflated" in upload.text
+    # Neither path inflated the bomb: the server's peak memory grew by far less than its 512 MiB.
+    assert _peak_rss_mib(server.proc.pid) - before < 150
+    assert httpx.get(f"{base_url(server)}/healthz", headers=BEARER).status_code == 200

@@ -44,6 +44,7 @@ from pacs_bridge.report import summary as summary_module
 from pacs_bridge.report.capture import build_capture
 from pacs_bridge.report.findings import FailedImage, FindingInput, ModelInfo
 from pacs_bridge.report.gsps import build_gsps
+from pacs_bridge.report.headers import make_conformant
 from pacs_bridge.report.revision import PROBABILITY_DECIMALS, PriorObject, Revision, content_digest, revision_digest
 from pacs_bridge.report.sr import build_sr
 from pacs_bridge.report.study_result import ImageFinding, NotAnalysed, StudyResult, build_study_result
@@ -468,7 +469,7 @@ def publish_study(db: Database, study_id: int, settings: Settings) -> Publicatio
     for item in analysed:
         sop = item.finding.sop_instance_uid
         try:
-            source = pydicom.dcmread(item.file_path)
+            source = make_conformant(pydicom.dcmread(item.file_path), study_uid)
         except Exception as exc:  # a vanished or damaged source drops that image only
             LOGGER.warning("study %s: source %s unreadable (%s)", study_uid, sop, exc)
             continue

@@ -227,3 +227,35 @@ def test_a_new_model_version_is_a_new_revision(tmp_path: Path, db: Database, set
     assert second.revision is not None and second.revision.number == 2
     assert generate_uid() not in _uids(second)
     assert not _uids(first) & _uids(second)
+
+
+def test_non_conformant_copied_attributes_still_give_every_result_object(
+    tmp_path: Path, db: Database, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Values outside their VR or enumerated values (as PACSs do hold) are left empty, never a failed publish."""
+    _add_image(db, tmp_path, 1, probability=0.93)
+    path = tmp_path / "1.dcm"
+    ds = pydicom.dcmread(path)
+    bad = {
+        "PatientBirthDate": "1970-01-01 SECRETDOB",
+        "StudyTime": "25:99",
+        "PatientSex": "X",
+        "SpecificCharacterSet": "ISO_IR 999",
+        "AccessionNumber": "A" * 40,
+    }
+    mode = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        for keyword, value in bad.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True)
+    finally:
+        pydicom.config.settings.writing_validation_mode = mode
+    publication = _publish(db, settings)
+    assert {w.kind for w in publication.objects} == {"sr", "capture", "gsps", "summary", "result"}
+    sr = _sr(publication)
+    assert sr.PatientBirthDate == "" and sr.StudyTime == "" and sr.PatientSex == ""
+    # Only keywords are logged, never the values (pydicom's own reader warnings are redacted by the service's
+    # log set-up, tested with the running service).
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("pacs_bridge"))
+    assert "PatientBirthDate" in ours and "SECRETDOB" not in ours

@@ -2,7 +2,8 @@
 
 ``PACS_BRIDGE_FAILPOINTS="publish.before-commit=kill,analyse.before-commit=sleep:30"``
 makes the process send itself SIGKILL (as a power cut or the OOM killer
-would) or sleep when it reaches that point. Unset (always, in production),
+would) or sleep when it reaches that point; ``=exit`` raises SystemExit there,
+which ends the stage's thread (a stage that cannot go on). Unset (always, in production),
 :func:`hit` costs one dictionary lookup. The points sit at every hand-over
 between pipeline stages: ``<kind>.before-commit`` (the work is done, its
 outcome not yet committed) and ``<kind>.after-commit`` for the job kinds
@@ -43,6 +44,9 @@ def hit(name: str) -> None:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "exit":
+        LOGGER.error("failpoint %s: ending this thread with SystemExit", name)
+        raise SystemExit(f"failpoint {name}")
     elif action.startswith("sleep:"):
         seconds = float(action.split(":", 1)[1])
         LOGGER.error("failpoint %s: sleeping %.1f s", name, seconds)

@@ -219,6 +219,32 @@ def test_healthz_is_red_when_the_model_cannot_be_loaded(tmp_path: Path) -> None:
         assert checks["database"]["ok"] and checks["disk"]["ok"]
 
 
+def test_healthz_turns_red_when_the_analysis_stage_dies_while_running(tmp_path: Path) -> None:
+    """Green at start; the analysis thread ends on its first job (a stage that cannot go on): 503, C-ECHO still up."""
+    env = {"PACS_BRIDGE_FAILPOINTS": "analyse.before-commit=exit"}
+    with ServeProcess(tmp_path / "srv", web_config(tmp_path), env=env) as srv:
+        assert httpx.get(f"{base_url(srv)}/healthz").status_code == 200
+        ds, _ = stored_radiograph()
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="PACS_BRIDGE")
+        assert assoc.is_established and int(assoc.send_c_store(ds).Status) == 0
+        assoc.release()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base_url(srv)}/healthz").status_code == 200:
+            assert time.monotonic() < deadline, srv.log()[-3000:]
+            time.sleep(0.3)
+        response = httpx.get(f"{base_url(srv)}/healthz", headers=BEARER)
+        assert response.status_code == 503
+        assert response.json()["checks"]["roles"]["detail"]["analyse"]["status"] == "dead"
+        assert "ERROR" in srv.log() and "failpoint analyse.before-commit" in srv.log()
+        # The rest of the service stays up: it still receives and answers C-ECHO.
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="PACS_BRIDGE")
+        assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+
+
 def test_first_login_uses_a_one_time_password_printed_once(tmp_path: Path) -> None:
     config = web_config(tmp_path, users=[], api_tokens=[])
     config["analysis"] = {"enabled": False}

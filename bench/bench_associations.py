@@ -35,6 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # noqa: E402
 
+from pacs_bridge.store.layout import resolve_stored  # noqa: E402
 from tests.support.dicom_files import make_radiograph  # noqa: E402
 from tests.support.hostile import associate_rq, connect, pdata_header, read_pdu  # noqa: E402
 from tests.support.serve import ServeProcess  # noqa: E402
@@ -183,7 +184,10 @@ def main() -> int:
             seconds = time.perf_counter() - started
             rss_peak_store = vm(server.proc.pid, "VmHWM")
             with sqlite3.connect(server.data_dir / "pacs-bridge.db") as conn:
-                rows = dict(conn.execute("select sop_instance_uid, file_path from instances").fetchall())
+                rows = {
+                    uid: resolve_stored(server.data_dir, p)
+                    for uid, p in conn.execute("select sop_instance_uid, file_path from instances")
+                }
             acknowledged = {uid for uid, status in statuses if status == 0}
             lost = [uid for uid in acknowledged if uid not in rows or not Path(rows[uid]).is_file()]
             broken = [uid for uid in list(acknowledged)[:200] if dcmread(rows[uid]).SOPInstanceUID != uid]

@@ -59,6 +59,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]  # noqa: E402
 
+from pacs_bridge.store.layout import resolve_stored  # noqa: E402
 from tests.support.dicom_files import make_radiograph  # noqa: E402
 from tests.support.fuzz import echo  # noqa: E402
 from tests.support.orthanc import OrthancServer, orthanc_available  # noqa: E402
@@ -188,7 +189,10 @@ def wait_until_finished(server: ServeProcess, studies: int, timeout: float) -> t
 def check_instances(data_dir: Path, acknowledged: dict[str, Dataset]) -> dict[str, int]:
     """Acknowledged instances without a row, without a file, or with a file that differs."""
     with sqlite3.connect(data_dir / "pacs-bridge.db") as conn:
-        rows = dict(conn.execute("select sop_instance_uid, file_path from instances").fetchall())
+        rows = {
+            uid: resolve_stored(data_dir, p)
+            for uid, p in conn.execute("select sop_instance_uid, file_path from instances")
+        }
     no_row = no_file = differs = 0
     for uid, sent in acknowledged.items():
         path = rows.get(uid)

@@ -33,7 +33,7 @@ from pacs_bridge.errors import PermanentError
 from pacs_bridge.pipeline.queue import ClaimedJob, RetryPolicy, enqueue
 from pacs_bridge.pipeline.runner import describe, fatal, record_failure, run_job
 from pacs_bridge.store.db import Database
-from pacs_bridge.store.layout import resolve_stored
+from pacs_bridge.store.layout import relative_to_data, resolve_stored
 from pacs_bridge.store.models import (
     Instance,
     InstanceResult,
@@ -264,7 +264,7 @@ class AnalyseStage:
             if target is not None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 np.save(target, np.asarray(finding.heatmap, dtype=np.float16))
-                heatmap_path = str(target)
+                heatmap_path = relative_to_data(target, self.settings.storage.data_dir)
         boxes = getattr(finding, "boxes", None)
         return InstanceResult(
             instance_id=instance_id,

@@ -41,6 +41,7 @@ from pacs_bridge.receive.decode import dataset_from_part10
 from pacs_bridge.receive.failed import FailedFolder
 from pacs_bridge.store.db import Database
 from pacs_bridge.store.index import Added, FastIndex, InstanceRecord, find_instance
+from pacs_bridge.store.layout import relative_to_data
 from pacs_bridge.store.models import Instance
 from pacs_bridge.store.spool import Spool, valid_uid
 
@@ -310,7 +311,7 @@ class Ingestor:
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
             transfer_syntax_uid=transfer_syntax,
-            file_path=path,
+            file_path=Path(relative_to_data(path, self.spool.data_dir)),
             size_bytes=stored.size,
             calling_aet=calling_aet,
             source=source,
@@ -336,7 +337,9 @@ class Ingestor:
     def _discard(self, path: Path) -> None:
         """Remove a file this store created, unless a row points to it (then it is someone's acknowledged copy)."""
         with self.db.sessions() as session:
-            owner = session.scalar(select(Instance.id).where(Instance.file_path == str(path)))
+            # Rows hold the path relative to the data folder (older rows: absolute).
+            names = [str(path), relative_to_data(path, self.spool.data_dir)]
+            owner = session.scalar(select(Instance.id).where(Instance.file_path.in_(names)))
         if owner is None:
             path.unlink(missing_ok=True)
 
@@ -413,7 +416,7 @@ class Ingestor:
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
             transfer_syntax_uid=ts,
-            file_path=path,
+            file_path=Path(relative_to_data(path, self.spool.data_dir)),
             size_bytes=path.stat().st_size,
             calling_aet=None,
             source=source,

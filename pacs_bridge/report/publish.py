@@ -51,7 +51,7 @@ from pacs_bridge.report.study_result import ImageFinding, NotAnalysed, StudyResu
 from pacs_bridge.report.summary import SummaryImage, build_summary
 from pacs_bridge.report.uids import content_series_uid, content_uid, is_valid_uid
 from pacs_bridge.store.db import Database
-from pacs_bridge.store.layout import relative_to_data
+from pacs_bridge.store.layout import relative_to_data, resolve_stored
 from pacs_bridge.store.models import Instance, InstanceResult, OutputObject, ResultRevision, Study, utcnow
 
 __all__ = [
@@ -236,7 +236,7 @@ def _boxes(result: InstanceResult) -> tuple[tuple[float, float, float, float], .
     return tuple(boxes)
 
 
-def _read_results(db: Database, study_id: int) -> _StudyResults:
+def _read_results(db: Database, study_id: int, data_dir: Path) -> _StudyResults:
     """The study UID, the model of the newest result, each instance's result by that model, and the failures."""
     with db.session() as session:
         study = session.get(Study, study_id)
@@ -281,7 +281,9 @@ def _read_results(db: Database, study_id: int) -> _StudyResults:
                 box=box,  # type: ignore[arg-type]
                 boxes=_boxes(result),
             )
-            out.analysed.append(_Analysed(instance.file_path, finding, result.heatmap_path, instance.instance_number))
+            source_path = str(resolve_stored(data_dir, instance.file_path))
+            heat_path = str(resolve_stored(data_dir, result.heatmap_path)) if result.heatmap_path else None
+            out.analysed.append(_Analysed(source_path, finding, heat_path, instance.instance_number))
         return out
 
 
@@ -442,7 +444,7 @@ def publish_study(db: Database, study_id: int, settings: Settings) -> Publicatio
     empty publication when there is nothing to report.
     """
     report = settings.report
-    results = _read_results(db, study_id)
+    results = _read_results(db, study_id, settings.storage.data_dir)
     study_uid, model, analysed = results.study_uid, results.model, results.analysed
     if model is None or not analysed:
         LOGGER.info("study %s: no successful analysis, nothing to publish", study_uid)

@@ -60,7 +60,9 @@ def _check_exactly_once(running: Site, studies: int) -> None:
         )
         assert outputs and len(delivered) == len(outputs) and set(delivered.values()) == {1}
         paths = list(session.scalars(select(OutputObject.file_path)))
-    # Result objects are recorded relative to the shared folder, so nodes may mount it anywhere.
+        paths += list(session.scalars(select(Instance.file_path)))
+        paths += [p for p in session.scalars(select(InstanceResult.heatmap_path)) if p]
+    # Instances, heatmaps and result objects are recorded relative to the shared folder: nodes may mount it anywhere.
     assert paths and all(not Path(p).is_absolute() for p in paths)
     stored = running.pacs.rest("GET", "/statistics")["CountInstances"]
     assert stored == len(outputs)

@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+from pacs_bridge.store.layout import resolve_stored
 from tests.support.dicom_files import make_radiograph
 from tests.support.fuzz import echo
 from tests.support.serve import ServeProcess
@@ -67,7 +68,10 @@ def test_full_disk_refuses_cleanly_and_recovers_alone(tmp_path: Path, small_disk
         assert echo(server.port)
         assert server.proc is not None and server.proc.poll() is None
         with sqlite3.connect(data / "pacs-bridge.db") as conn:
-            indexed = {uid: Path(p) for uid, p in conn.execute("select sop_instance_uid, file_path from instances")}
+            indexed = {
+                uid: resolve_stored(data, p)
+                for uid, p in conn.execute("select sop_instance_uid, file_path from instances")
+            }
         assert set(indexed) == {ds.SOPInstanceUID for ds in datasets}
         assert set(indexed.values()) == set(data.glob("spool/*/*.dcm")), "a partial or unindexed spool file"
         for path in indexed.values():

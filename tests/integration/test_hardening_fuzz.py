@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pacs_bridge.store.layout import resolve_stored
 from tests.support.fuzz import echo, fuzz_cstore, fuzz_folder, verify_acknowledged
 from tests.support.mutate import SECRET_ID, SECRET_NAME, Mutator
 from tests.support.serve import ServeProcess
@@ -36,7 +37,7 @@ def test_seeded_fuzz_over_c_store_and_the_folder_loses_nothing_acknowledged(tmp_
         assert server.proc.poll() is None, "serve died"
         data = server.data_dir
         with sqlite3.connect(data / "pacs-bridge.db") as conn:
-            indexed = {Path(p) for (p,) in conn.execute("select file_path from instances")}
+            indexed = {resolve_stored(data, p) for (p,) in conn.execute("select file_path from instances")}
         assert indexed == set(data.glob("spool/*/*.dcm")), "spool files and rows differ"
         assert not list((data / "tmp").iterdir())
     log = server.log()

@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+from pacs_bridge.store.layout import resolve_stored
 from tests.support.dicom_files import make_radiograph
 from tests.support.hostile import deflate_bomb, raw_file_store, set_element_vr
 from tests.support.serve import ServeProcess
@@ -102,7 +103,7 @@ def test_same_instance_on_six_associations_at_once_keeps_its_file(server: ServeP
             uid = ds.SOPInstanceUID
             found = rows(server, f"select file_path from instances where sop_instance_uid = '{uid}'")
             assert len(found) == 1, uid
-            path = Path(str(found[0][0]))
+            path = resolve_stored(server.data_dir, str(found[0][0]))
             assert path.is_file(), f"acknowledged instance {uid} has a row but no file"
             assert dcmread(path).SOPInstanceUID == uid
     assert not list((server.data_dir / "tmp").iterdir())

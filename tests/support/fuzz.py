@@ -28,6 +28,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_bridge.receive.scp import TRANSFER_SYNTAXES
+from pacs_bridge.store.layout import resolve_stored
 from tests.support.hostile import raw_file_store
 from tests.support.mutate import SECONDARY_CAPTURE, Mutator, meta_end
 from tests.support.serve import ServeProcess
@@ -175,7 +176,8 @@ def verify_acknowledged(server: ServeProcess, acknowledged: list[tuple[str, byte
     seen: Counter[str] = Counter(uid for uid, _ in acknowledged)
     lost = []
     for uid, dataset_bytes in acknowledged:
-        path = rows.get(uid)
+        stored = rows.get(uid)
+        path = resolve_stored(server.data_dir, stored) if stored is not None else None
         if path is None or not Path(path).is_file():
             lost.append(uid)
             continue

@@ -26,9 +26,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -107,13 +109,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_dataset(dataset: Dataset, path: Path, *, fsync: bool = True) -> None:
-    """Write a Part 10 file (PS3.10) so that ``path`` holds either the old or the complete new file."""
+def _write_replacing(path: Path, write: Callable[[BinaryIO], object], *, fsync: bool) -> None:
+    """Write ``path`` through a temporary file and a rename, so that it holds either the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            dataset.save_as(stream, enforce_file_format=True)
+            write(stream)
             stream.flush()
             if fsync:
                 os.fsync(stream.fileno())
@@ -123,24 +125,16 @@ def write_dataset(dataset: Dataset, path: Path, *, fsync: bool = True) -> None:
         raise
     if fsync:
         _fsync_dir(path.parent)
+
+
+def write_dataset(dataset: Dataset, path: Path, *, fsync: bool = True) -> None:
+    """Write a Part 10 file (PS3.10) so that ``path`` holds either the old or the complete new file."""
+    _write_replacing(path, lambda stream: dataset.save_as(stream, enforce_file_format=True), fsync=fsync)
 
 
 def write_document(text: str, path: Path, *, fsync: bool = True) -> None:
-    """Write a text document (the study result JSON) so that ``path`` holds either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            if fsync:
-                os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    if fsync:
-        _fsync_dir(path.parent)
+    """Write a text document (the study result JSON, UTF-8) the same way."""
+    _write_replacing(path, lambda stream: stream.write(text.encode("utf-8")), fsync=fsync)
 
 
 def _text(source: Dataset, keyword: str) -> str | None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from pacs_bridge.errors import Defer, PermanentError
@@ -350,31 +351,49 @@ def fail(
     else:
         state = JobState.PENDING
         values.update(state=state, last_error=message, not_before=now + timedelta(seconds=policy.delay(job.attempts)))
-    with db.session() as session:
-        if state is JobState.PENDING:
-            # A newer pending job of the same subject makes this one redundant (and the
-            # partial unique index allows only one pending job per subject).
-            key = select(Job.dedup_key).where(Job.id == job.id).scalar_subquery()
-            newer = session.scalar(
-                select(Job.id).where(Job.dedup_key == key, Job.state == JobState.PENDING, Job.id != job.id)
-            )
-            if newer is not None:
-                state = JobState.DONE
-                values = {
-                    "updated_at": now,
-                    "lease_owner": None,
-                    "lease_expires": None,
-                    "state": state,
-                    "finished_at": now,
-                    "last_error": f"superseded by job {newer}: {message}",
-                }
+
+    def superseded(newer: int) -> dict[str, Any]:
+        return {
+            "updated_at": now,
+            "lease_owner": None,
+            "lease_expires": None,
+            "state": JobState.DONE,
+            "finished_at": now,
+            "last_error": f"superseded by job {newer}: {message}",
+        }
+
+    def pending_sibling(session: Session) -> int | None:
+        key = select(Job.dedup_key).where(Job.id == job.id).scalar_subquery()
+        found: int | None = session.scalar(
+            select(Job.id).where(Job.dedup_key == key, Job.state == JobState.PENDING, Job.id != job.id)
+        )
+        return found
+
+    def record(session: Session, new_values: dict[str, Any]) -> bool:
         result = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.state == JobState.RUNNING, Job.lease_owner == job.owner)
-            .values(**values)
+            .values(**new_values)
             .execution_options(synchronize_session=False)
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            LOGGER.warning("%s job %d: lease lost before its failure was recorded", job.kind.value, job.id)
-            return JobState.RUNNING
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    try:
+        with db.session() as session:
+            if state is JobState.PENDING:
+                # A newer pending job of the same subject makes this one redundant (and the
+                # partial unique index allows only one pending job per subject).
+                newer = pending_sibling(session)
+                if newer is not None:
+                    state, values = JobState.DONE, superseded(newer)
+            recorded = record(session, values)
+    except IntegrityError:
+        # A pending job of the same subject was queued between the check and the update: it supersedes this one.
+        with db.session() as session:
+            newer = pending_sibling(session)
+            state = JobState.DONE
+            recorded = record(session, superseded(newer or 0))
+    if not recorded:
+        LOGGER.warning("%s job %d: lease lost before its failure was recorded", job.kind.value, job.id)
+        return JobState.RUNNING
     return state

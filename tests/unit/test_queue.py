@@ -178,3 +178,35 @@ def test_next_due_names_the_next_deferred_job_or_lease_expiry(db: Database) -> N
     (job,) = claim(db, [JobKind.SETTLE], "a", lease_seconds=30, now=T0 + timedelta(seconds=4))
     # A running job becomes due again when its lease expires.
     assert next_due(db, [JobKind.SETTLE], now=T0 + timedelta(seconds=10)) == pytest.approx(24.0)
+
+
+def test_a_job_queued_while_a_failure_is_recorded_supersedes_it(db: Database) -> None:
+    """Check-then-update race: another writer queues the same subject's pending job just before the update."""
+    from sqlalchemy import event
+
+    study = _study(db)
+    _enqueue(db, JobKind.SETTLE, study_id=study)
+    [job] = claim(db, [JobKind.SETTLE], "a", now=T0)
+    raced = {"done": False}
+
+    def queue_sibling(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if not raced["done"] and statement.lstrip().upper().startswith("UPDATE JOBS"):
+            raced["done"] = True
+            other = open_database(str(db.engine.url))
+            try:
+                _enqueue(other, JobKind.SETTLE, study_id=study)  # committed by another connection
+            finally:
+                other.dispose()
+
+    event.listen(db.engine, "before_cursor_execute", queue_sibling)
+    try:
+        state = fail(db, job, Defer(5.0), POLICY, now=T0)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", queue_sibling)
+    assert raced["done"]
+    assert state == JobState.DONE
+    mine = _job(db, job.id)
+    assert mine.state == JobState.DONE and (mine.last_error or "").startswith("superseded by job")
+    with db.session() as session:
+        pending = session.scalars(select(Job).where(Job.kind == JobKind.SETTLE, Job.state == JobState.PENDING)).all()
+    assert len(pending) == 1

@@ -6,7 +6,8 @@ DCMTK programs so that Nagle's algorithm does not set the pace. Sets: small
 instances (about 40 KB) and large ones (about 7 MB, a radiograph); one
 association, and four in parallel; servers alternated within each
 repetition. pacs-bridge runs with fsync on (its default) and, for reference,
-off; storescp never fsyncs.
+off; storescp never fsyncs. The disk's own ceiling is measured too: the same
+bytes written, fsynced, linked and their folder fsynced, with no network.
 
     python bench/bench_ingest.py [--small 500] [--large 40] [--repeat 3] [--out docs/benchmarks-ingest.md]
 """
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -142,6 +144,40 @@ def bench_plain(work: Path, subdirs: list[Path]) -> float:
         proc.wait(timeout=30)
 
 
+def bench_disk(work: Path, subdirs: list[Path]) -> float:
+    """No network: write each file, fsync it, link it into place and fsync its folder, one thread per
+    association. The ceiling of any receiver that makes each instance durable before answering, on this disk."""
+    out = work / "disk-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    payloads = [[f.read_bytes() for f in sorted(d.iterdir())] for d in subdirs]
+
+    def write(index: int) -> None:
+        folder = out / f"a{index}"
+        folder.mkdir()
+        for n, data in enumerate(payloads[index]):
+            tmp = folder / f"{n}.part"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, folder / f"{n}.dcm")
+            os.unlink(tmp)
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(subdirs))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
 def bench_bridge(work: Path, subdirs: list[Path], fsync: bool) -> float:
     port = free_port()
     data = work / "bridge-data"
@@ -193,9 +229,16 @@ def main() -> int:
                 folder = work / f"{label}-{parallel}"
                 subdirs = make_set(folder, count, shape, parallel)
                 size = sum(f.stat().st_size for d in subdirs for f in d.iterdir()) / count
-                times: dict[str, list[float]] = {"storescp": [], "plain": [], "bridge": [], "bridge-nofsync": []}
+                times: dict[str, list[float]] = {
+                    "storescp": [],
+                    "disk": [],
+                    "plain": [],
+                    "bridge": [],
+                    "bridge-nofsync": [],
+                }
                 for _ in range(args.repeat):
                     times["storescp"].append(bench_storescp(work, subdirs))
+                    times["disk"].append(bench_disk(work, subdirs))
                     times["plain"].append(bench_plain(work, subdirs))
                     times["bridge"].append(bench_bridge(work, subdirs, fsync=True))
                     times["bridge-nofsync"].append(bench_bridge(work, subdirs, fsync=False))
@@ -203,7 +246,8 @@ def main() -> int:
                 rows.append((label, size, count, parallel, rate))
                 print(
                     f"{label:5} {size / 1024:8.0f} KiB x{count:4d}  {parallel} assoc  "
-                    f"storescp {rate['storescp']:7.1f}/s  plain pynetdicom {rate['plain']:7.1f}/s  "
+                    f"storescp {rate['storescp']:7.1f}/s  disk floor {rate['disk']:7.1f}/s  "
+                    f"plain pynetdicom {rate['plain']:7.1f}/s  "
                     f"pacs-bridge {rate['bridge']:7.1f}/s "
                     f"({rate['bridge'] / rate['storescp']:.2f}x)  no fsync {rate['bridge-nofsync']:7.1f}/s "
                     f"({rate['bridge-nofsync'] / rate['storescp']:.2f}x)",
@@ -211,13 +255,15 @@ def main() -> int:
                 )
                 shutil.rmtree(folder)
     lines = [
-        "| set | instance size | instances | associations | storescp (inst/s) | plain pynetdicom + fsync (inst/s) "
+        "| set | instance size | instances | associations | storescp (inst/s) "
+        "| write + fsync, no network (inst/s) | ratio | plain pynetdicom + fsync (inst/s) "
         "| ratio | pacs-bridge, fsync (inst/s) | ratio | pacs-bridge, no fsync (inst/s) | ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, size, count, parallel, rate in rows:
         lines.append(
             f"| {label} | {size / 1024:.0f} KiB | {count} | {parallel} | {rate['storescp']:.1f} | "
+            f"{rate['disk']:.1f} | {rate['disk'] / rate['storescp']:.2f}x | "
             f"{rate['plain']:.1f} | {rate['plain'] / rate['storescp']:.2f}x | "
             f"{rate['bridge']:.1f} | {rate['bridge'] / rate['storescp']:.2f}x | {rate['bridge-nofsync']:.1f} | "
             f"{rate['bridge-nofsync'] / rate['storescp']:.2f}x |"

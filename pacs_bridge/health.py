@@ -25,6 +25,7 @@ from sqlalchemy import delete, select
 
 from pacs_bridge.store.db import Database
 from pacs_bridge.store.models import NodeRole, utcnow
+from pacs_bridge.store.spool import pid_alive
 
 __all__ = ["Health", "HealthReport", "RoleStatus", "default_node_name", "forget_dead_nodes", "read_node_roles"]
 
@@ -192,22 +193,12 @@ def read_node_roles(db: Database, *, stale_after: float = STALE_AFTER_SECONDS) -
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def forget_dead_nodes(db: Database, host: str | None = None) -> int:
     """Delete the heartbeats of this host's processes that no longer exist; returns how many rows."""
     prefix = f"{host or default_node_name()}:"
     with db.session() as session:
         rows = session.execute(select(NodeRole.node, NodeRole.pid).where(NodeRole.node.startswith(prefix))).all()
-        gone = sorted({node for node, pid in rows if pid != os.getpid() and not _alive(pid)})
+        gone = sorted({node for node, pid in rows if pid != os.getpid() and not pid_alive(pid)})
         if gone:
             session.execute(delete(NodeRole).where(NodeRole.node.in_(gone)))
     return len(gone)

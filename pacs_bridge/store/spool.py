@@ -43,6 +43,7 @@ __all__ = [
     "StoredFile",
     "fsync_dir",
     "make_private_dir",
+    "pid_alive",
     "private_umask",
     "valid_uid",
     "write_durably",
@@ -100,7 +101,8 @@ def temp_prefix(node: str, pid: int) -> str:
     return f"{_NODE_UNSAFE.sub('_', node)[:100] or 'node'}.{pid}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` runs on this host (signal 0: nothing is sent)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -238,7 +240,7 @@ class Spool:
                 if not pid_text.isdigit():
                     continue
                 pid = int(pid_text)
-                if pid != os.getpid() and _pid_alive(pid):
+                if pid != os.getpid() and pid_alive(pid):
                     continue
             elif _OWNED_TEMP.match(name):
                 continue  # another node's

@@ -43,6 +43,7 @@ __all__ = [
     "MIN_SIDE",
     "banner_lines",
     "build_capture",
+    "image_header",
     "render_overlay",
 ]
 
@@ -188,6 +189,32 @@ def render_overlay(
     return np.ascontiguousarray(np.concatenate([banner, rgb], axis=0))
 
 
+def image_header(source: Dataset, model: ModelInfo, settings: ReportSettings) -> dict[str, Any]:
+    """The ``highdicom.sc.SCImage`` arguments every image pacs-bridge makes takes from its source study.
+
+    The Patient (PS3.3 C.7.1.1) and General Study (C.7.2.1) attributes of
+    ``source``, and the equipment: General Equipment (C.7.5.1) and the
+    Contributing Equipment Sequence naming the algorithm (C.12.1.1.1).
+    """
+    return {
+        "manufacturer": settings.manufacturer,
+        "manufacturer_model_name": "pacs-bridge",
+        "software_versions": pacs_bridge.__version__,
+        "institution_name": settings.institution_name,
+        "patient_id": source.get("PatientID", ""),
+        "patient_name": source.get("PatientName", ""),
+        "patient_birth_date": source.get("PatientBirthDate", ""),
+        "patient_sex": source.get("PatientSex", ""),
+        "accession_number": source.get("AccessionNumber", ""),
+        "study_id": source.get("StudyID", ""),
+        "study_date": source.get("StudyDate", ""),
+        "study_time": source.get("StudyTime", ""),
+        "referring_physician_name": source.get("ReferringPhysicianName", ""),
+        "transfer_syntax_uid": ExplicitVRLittleEndian,
+        "contributing_equipment": [contributing_equipment(model, settings)],
+    }
+
+
 def build_capture(
     source: Dataset,
     finding: FindingInput,
@@ -224,22 +251,8 @@ def build_capture(
         series_number=revision.series_number(CAPTURE_SERIES_NUMBER),
         sop_instance_uid=revision.sop_instance_uid(KIND, finding.sop_instance_uid),
         instance_number=max(1, number),
-        manufacturer=settings.manufacturer,
-        patient_id=source.get("PatientID", ""),
-        patient_name=source.get("PatientName", ""),
-        patient_birth_date=source.get("PatientBirthDate", ""),
-        patient_sex=source.get("PatientSex", ""),
-        accession_number=source.get("AccessionNumber", ""),
-        study_id=source.get("StudyID", ""),
-        study_date=source.get("StudyDate", ""),
-        study_time=source.get("StudyTime", ""),
-        referring_physician_name=source.get("ReferringPhysicianName", ""),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[contributing_equipment(model, settings)],
+        **image_header(source, model, settings),
         series_description=revision.series_description(CAPTURE_SERIES_DESCRIPTION),
-        manufacturer_model_name="pacs-bridge",
-        software_versions=pacs_bridge.__version__,
-        institution_name=settings.institution_name,
     )
     orientation = source.get("PatientOrientation")
     # Type 2C (PS3.3 C.7.6.1.1.1): the source's orientation, or empty when unknown.

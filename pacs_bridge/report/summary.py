@@ -29,13 +29,11 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
 
-import pacs_bridge
 from pacs_bridge.config import ReportSettings
+from pacs_bridge.report.capture import image_header
 from pacs_bridge.report.findings import FailedImage, FindingInput, ModelInfo
 from pacs_bridge.report.revision import Revision, first_revision
-from pacs_bridge.report.sr import contributing_equipment
 
 __all__ = [
     "KIND",
@@ -182,22 +180,8 @@ def build_summary(
         series_number=revision.series_number(SUMMARY_SERIES_NUMBER),
         sop_instance_uid=revision.sop_instance_uid(KIND),
         instance_number=revision.number,
-        manufacturer=settings.manufacturer,
-        patient_id=first.get("PatientID", ""),
-        patient_name=first.get("PatientName", ""),
-        patient_birth_date=first.get("PatientBirthDate", ""),
-        patient_sex=first.get("PatientSex", ""),
-        accession_number=first.get("AccessionNumber", ""),
-        study_id=first.get("StudyID", ""),
-        study_date=first.get("StudyDate", ""),
-        study_time=first.get("StudyTime", ""),
-        referring_physician_name=first.get("ReferringPhysicianName", ""),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[contributing_equipment(model, settings)],
+        **image_header(first, model, settings),
         series_description=revision.series_description(SUMMARY_SERIES_DESCRIPTION),
-        manufacturer_model_name="pacs-bridge",
-        software_versions=pacs_bridge.__version__,
-        institution_name=settings.institution_name,
     )
     summary.PatientOrientation = []  # Type 2C (PS3.3 C.7.6.1.1.1): not an image of the patient's anatomy
     summary.Laterality = ""  # Type 2C (PS3.3 C.7.3.1): a summary of the study has no side

@@ -180,10 +180,14 @@ class Service:
     def _start_listeners(self) -> None:
         from pacs_bridge.receive.handlers import AssociationPolicy, Handlers
         from pacs_bridge.receive.scp import DicomListener
+        from pacs_bridge.receive.streaming import stream_into
         from pacs_bridge.receive.watcher import FolderWatcher
 
         settings = self.settings
         self.health.register("receive")
+        assert self.ingestor is not None
+        # C-STORE data sets go to the spool's temp folder while they arrive, not to memory.
+        stream_into(self.ingestor.spool.tmp, self.ingestor.spool.prefix, early_sync=settings.storage.fsync)
         if not settings.dicom.allowed_calling_aets:
             LOGGER.warning("[dicom] allowed_calling_aets is empty: any calling AE title may store here")
         handlers = Handlers(self.ingestor, AssociationPolicy(tuple(settings.dicom.allowed_calling_aets)), self._stored)

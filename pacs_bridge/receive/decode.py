@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -24,7 +25,16 @@ from pynetdicom.dsutils import decode
 
 from pacs_bridge.errors import RejectedInstance
 
-__all__ = ["InflatesTooLarge", "NotDicom", "dataset_from_c_store", "dataset_from_part10", "inflate_bounded"]
+__all__ = [
+    "InflatesTooLarge",
+    "NotDicom",
+    "dataset_from_c_store",
+    "dataset_from_part10",
+    "dataset_from_received_file",
+    "inflate_bounded",
+]
+
+_DEFER_BYTES = 64 * 1024
 
 
 class InflatesTooLarge(RejectedInstance):
@@ -50,6 +60,18 @@ def dataset_from_c_store(encoded: bytes, transfer_syntax: str, limit: int) -> Da
     if ts.is_deflated:
         return decode(io.BytesIO(inflate_bounded(encoded, limit)), False, True, False)
     return decode(io.BytesIO(encoded), ts.is_implicit_VR, ts.is_little_endian, False)
+
+
+def dataset_from_received_file(path: Path, transfer_syntax: str, limit: int) -> Dataset:
+    """The data set of a C-STORE request written to ``path`` as a PS3.10 file while it arrived.
+
+    Values longer than 64 KiB (the pixel data) stay on disk: the data set
+    holds their length, which is all the checks need. A deflated data set is
+    inflated within ``limit`` like any other.
+    """
+    if UID(transfer_syntax).is_deflated:
+        return dataset_from_part10(path.read_bytes(), limit)
+    return dcmread(path, defer_size=_DEFER_BYTES, force=False)
 
 
 def dataset_from_part10(data: bytes, limit: int) -> Dataset:

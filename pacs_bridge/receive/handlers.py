@@ -1,9 +1,10 @@
 """DIMSE event handlers: association policy, C-ECHO and C-STORE.
 
-C-STORE (PS3.4 Annex B, Storage Service Class as SCP) writes the bytes as
-received (``event.encoded_dataset()``: File Meta Information plus the data set
-in its transfer syntax, PS3.10 §7) and answers only after the spool file and
-its index row are durable. A request whose command names another SOP class
+C-STORE (PS3.4 Annex B, Storage Service Class as SCP) keeps the bytes as
+received (File Meta Information plus the data set in its transfer syntax,
+PS3.10 §7), written into the spool's temp folder while they arrive
+(``receive/streaming.py``; ``event.encoded_dataset()`` when that is off), and
+answers only after the spool file and its index row are durable. A request whose command names another SOP class
 or instance than its data set holds is refused with 0xA900 before any byte
 is written (PS3.4 B.2.3), so a success always means "the instance you named
 is safe". C-ECHO is the Verification Service Class (PS3.4
@@ -21,19 +22,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
 from pynetdicom import events as evt
 
 from pacs_bridge.logsafe import redact
-from pacs_bridge.receive.decode import InflatesTooLarge, dataset_from_c_store
+from pacs_bridge.receive.decode import InflatesTooLarge, dataset_from_c_store, dataset_from_received_file
 from pacs_bridge.receive.ingest import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
     Ingestor,
 )
+from pacs_bridge.receive.streaming import take_write_error
 
 __all__ = ["AssociationPolicy", "AssociationStats", "Handlers"]
 
@@ -83,6 +86,15 @@ class AssociationPolicy:
             if aet == calling_aet and (not host or _host_matches(peer, host)):
                 return True
         return False
+
+
+def _staged_file(event: Any) -> Path | None:
+    """The file the data set was written to while it arrived (``receive/streaming.py``), if it was."""
+    try:
+        path = event.dataset_path
+    except AttributeError:
+        return None
+    return Path(path) if path is not None else None
 
 
 class Handlers:
@@ -165,6 +177,8 @@ class Handlers:
 
     def _store(self, event: Any, stats: AssociationStats | None) -> int:
         calling = event.assoc.requestor.ae_title.strip()
+        staged = _staged_file(event)
+        write_error = take_write_error(staged) if staged is not None else None
         take_refusal = getattr(event.assoc.dul, "take_refusal", None)
         cut_at = take_refusal(int(event.request.MessageID)) if take_refusal is not None else None
         if cut_at is not None:
@@ -178,15 +192,32 @@ class Handlers:
             if stats:
                 stats.failed += 1
             return STATUS_OUT_OF_RESOURCES
+        if write_error is not None:
+            LOGGER.warning(
+                "C-STORE of %s from %s refused (0xA700): it could not be written while it arrived: %s",
+                event.request.AffectedSOPInstanceUID or "unknown instance",
+                calling,
+                write_error.strerror or write_error,
+            )
+            if stats:
+                stats.failed += 1
+            return STATUS_OUT_OF_RESOURCES
+        limit = self.ingestor.max_instance_bytes
+        transfer_syntax = str(event.context.transfer_syntax)
         try:
-            data = event.encoded_dataset()
-            transfer_syntax = str(event.context.transfer_syntax)
-            if UID(transfer_syntax).is_deflated:
-                # pynetdicom would inflate without a limit (a deflate bomb): inflate within the instance limit.
-                limit = self.ingestor.max_instance_bytes
-                ds = dataset_from_c_store(event.encoded_dataset(include_meta=False), transfer_syntax, limit)
+            if staged is not None:
+                # The PS3.10 file written while the data set arrived: the bytes to keep, already on disk.
+                ds = dataset_from_received_file(staged, transfer_syntax, limit)
+                size = staged.stat().st_size
+                data = b""
             else:
-                ds = event.dataset
+                data = event.encoded_dataset()
+                size = len(data)
+                if UID(transfer_syntax).is_deflated:
+                    # pynetdicom would inflate without a limit (a deflate bomb): inflate within the instance limit.
+                    ds = dataset_from_c_store(event.encoded_dataset(include_meta=False), transfer_syntax, limit)
+                else:
+                    ds = event.dataset
         except InflatesTooLarge as exc:
             LOGGER.warning("C-STORE from %s refused (0xA700): %s", calling, exc)
             if stats:
@@ -216,12 +247,13 @@ class Handlers:
             outcome = self.ingestor.ingest(
                 ds,
                 (data,),
-                size=len(data),
+                size=size,
                 transfer_syntax=transfer_syntax,
                 calling_aet=calling,
                 source="dicom",
                 expected_sop_class=context_class,
                 expected_sop_instance=str(request.AffectedSOPInstanceUID or "").strip("\x00 "),
+                staged=staged,
             )
         except Exception:
             LOGGER.exception("C-STORE from %s failed unexpectedly; refused, nothing stored", calling)

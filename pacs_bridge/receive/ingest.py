@@ -135,7 +135,9 @@ def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
     except (AttributeError, TypeError, ValueError, OverflowError, KeyError):
         return  # no usable geometry: nothing to compare with; analysis will refuse the image if it must
     expected = (bits + 7) // 8
-    actual = len(ds.PixelData)
+    element: Any = ds.get_item("PixelData")
+    # A value left on disk while reading (``defer_size``) has its length but no value yet.
+    actual = int(element.length) if getattr(element, "value", b"") is None else len(ds.PixelData)
     if actual < expected:
         raise RejectedInstance(f"pixel data truncated: {actual} of {expected} bytes")
 
@@ -228,8 +230,13 @@ class Ingestor:
         source: str,
         expected_sop_class: str | None = None,
         expected_sop_instance: str | None = None,
+        staged: Path | None = None,
     ) -> IngestOutcome:
         """Store and index one instance; ``chunks`` are its bytes exactly as they will be kept.
+
+        ``staged`` is the file that already holds those bytes, written while
+        they arrived (``receive/streaming.py``); it is linked into the spool
+        instead of writing ``chunks``.
 
         ``expected_sop_class`` and ``expected_sop_instance`` are what the
         C-STORE request names (its presentation context, its Affected SOP
@@ -264,7 +271,7 @@ class Ingestor:
                 sop_uid,
             )
         with self._claims.hold(sop_uid):
-            outcome = self._store(uids, attributes, chunks, size, transfer_syntax, calling_aet, source)
+            outcome = self._store(uids, attributes, chunks, size, transfer_syntax, calling_aet, source, staged)
         if outcome.ok:
             LOGGER.debug(
                 "stored instance %s of study %s (%d bytes, %s, %s) in %.1f ms",
@@ -290,6 +297,7 @@ class Ingestor:
         transfer_syntax: str,
         calling_aet: str | None,
         source: str,
+        staged: Path | None = None,
     ) -> IngestOutcome:
         study_uid, series_uid, sop_uid, sop_class = uids
         path = self.spool.path_for(study_uid, sop_uid)
@@ -298,7 +306,10 @@ class Ingestor:
             if known is not None:
                 return IngestOutcome(STATUS_SUCCESS, "duplicate", study_uid, sop_uid, known.size_bytes, True)
         try:
-            stored = self.spool.store(study_uid, sop_uid, chunks, size_hint=size)
+            if staged is not None:
+                stored = self.spool.place(study_uid, sop_uid, staged)
+            else:
+                stored = self.spool.store(study_uid, sop_uid, chunks, size_hint=size)
         except OutOfResources as exc:
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, str(exc), study_uid, sop_uid, retryable=True)
         except RejectedInstance as exc:

@@ -157,6 +157,44 @@ def _recv_exactly(raw: socket.socket, count: int, deadline: float) -> bytes:
     return bytes(buf[: _recv_into(raw, memoryview(buf), deadline)])
 
 
+_C_STORE_RQ = 0x0001
+_NO_DATA_SET = 0x0101
+_TAG_AFFECTED_SOP_CLASS = 0x00000002
+_TAG_COMMAND_FIELD = 0x00000100
+_TAG_DATA_SET_TYPE = 0x00000800
+_TAG_AFFECTED_SOP_INSTANCE = 0x00001000
+
+
+def command_problem(command: bytes) -> str | None:
+    """Why a complete command set (PS3.7 §6.3, Implicit VR Little Endian) cannot be served, or None.
+
+    Its elements are walked without decoding their values: a set that does
+    not parse, or a C-STORE-RQ with a data set but without Affected SOP Class
+    UID or Affected SOP Instance UID (PS3.7 9.3.1.1, both required), is
+    refused before pynetdicom builds the message from it.
+    """
+    values: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(command):
+        if offset + 8 > len(command):
+            return "command set ends inside an element header"
+        group, element, length = struct.unpack_from("<HHL", command, offset)
+        offset += 8
+        if group != 0x0000 or length > len(command) - offset:
+            return "command set holds an element outside group 0000 or longer than the set"
+        values[(group << 16) | element] = command[offset : offset + length]
+        offset += length
+    field = values.get(_TAG_COMMAND_FIELD, b"")
+    data_set = values.get(_TAG_DATA_SET_TYPE, b"")
+    if len(field) != 2 or len(data_set) != 2:
+        return "command set without a Command Field or Command Data Set Type"
+    if struct.unpack("<H", field)[0] == _C_STORE_RQ and struct.unpack("<H", data_set)[0] != _NO_DATA_SET:
+        for tag, name in ((_TAG_AFFECTED_SOP_CLASS, "Class"), (_TAG_AFFECTED_SOP_INSTANCE, "Instance")):
+            if not values.get(tag, b"").strip(b"\x00 "):
+                return f"C-STORE request without an Affected SOP {name} UID (PS3.7 9.3.1.1)"
+    return None
+
+
 class GuardedDUL(DULServiceProvider):
     """pynetdicom's DICOM Upper Layer with bounded PDU reads (see the module docstring)."""
 
@@ -168,6 +206,8 @@ class GuardedDUL(DULServiceProvider):
         self._refused_lock = threading.Lock()
         self._closing = False
         self._command_bytes = 0
+        self._command = bytearray()
+        self._accepted: frozenset[int] | None = None
         self._dataset_bytes = 0
         self._discarding = False
         self._bell_rx, self._bell_tx = socket.socketpair()
@@ -241,7 +281,12 @@ class GuardedDUL(DULServiceProvider):
                 except queue.Empty:
                     idle = True
                     continue
-                self.state_machine.do_action(event)
+                try:
+                    self.state_machine.do_action(event)
+                except Exception:
+                    # pynetdicom has logged it; the association cannot go on, the listener does.
+                    self._abort_hard()
+                    return
                 idle = False
         finally:
             self._bell_rx.close()
@@ -352,6 +397,11 @@ class GuardedDUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
+    def _accepted_ids(self) -> frozenset[int]:
+        if self._accepted is None:
+            self._accepted = frozenset(int(cx.context_id or 0) for cx in self.assoc.accepted_contexts)
+        return self._accepted
+
     def _current_message_id(self) -> int | None:
         message = self.assoc.dimse.message
         command = getattr(message, "command_set", None) if message is not None else None
@@ -366,6 +416,12 @@ class GuardedDUL(DULServiceProvider):
             if not data:
                 self._refuse_pdu("empty presentation data value")
                 return False
+            if item.presentation_context_id not in self._accepted_ids():
+                self._refuse_pdu(
+                    "presentation data value for presentation context %d, which was not accepted (PS3.8 9.3.5.1)",
+                    item.presentation_context_id,
+                )
+                return False
             control = data[0]
             last = bool(control & 2)
             if control & 1:  # command fragment
@@ -377,7 +433,13 @@ class GuardedDUL(DULServiceProvider):
                 if self._command_bytes > _MAX_COMMAND_SET:
                     self._refuse_pdu("command set longer than %d bytes", _MAX_COMMAND_SET)
                     return False
+                self._command.extend(memoryview(data)[1:])
                 if last:
+                    problem = command_problem(bytes(self._command))
+                    self._command.clear()
+                    if problem:
+                        self._refuse_pdu("%s", problem)
+                        return False
                     self._command_bytes = 0
                     self._dataset_bytes = 0
                 kept.append(item)

@@ -30,7 +30,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +128,12 @@ def _write_temp(chunks: Iterable[bytes], tmp_dir: Path, fsync: bool, prefix: str
         _unlink_quietly(tmp_name)
         raise
     return tmp_name, size
+
+
+def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(size):
+            yield chunk
 
 
 def _unlink_quietly(name: str) -> None:
@@ -281,13 +287,44 @@ class Spool:
         except OSError as exc:
             raise OutOfResources(f"cannot write {target.name}: {exc.strerror or exc}") from exc
         try:
+            return self._link(tmp_name, target, size)
+        finally:
+            _unlink_quietly(tmp_name)
+
+    def place(self, study_uid: str, sop_uid: str, staged: Path) -> StoredFile:
+        """Store an instance whose file is already written, in this spool's ``tmp/`` folder.
+
+        The receiver writes a C-STORE data set into ``staged`` while it
+        arrives (``receive/streaming.py``). Here it is fsynced and linked to
+        its spool name unless that name is taken, exactly as :meth:`store`
+        does with its own temp file; ``staged`` itself is left to its writer
+        to remove. A file elsewhere (another file system) is copied instead.
+        """
+        target = self.path_for(study_uid, sop_uid)
+        self.check_space()
+        if staged.parent != self.tmp:
+            return self.store(study_uid, sop_uid, _file_chunks(staged), size_hint=staged.stat().st_size)
+        try:
+            target.parent.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+            size = staged.stat().st_size
+            if self.fsync:
+                fd = os.open(staged, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise OutOfResources(f"cannot write {target.name}: {exc.strerror or exc}") from exc
+        return self._link(str(staged), target, size)
+
+    def _link(self, tmp_name: str, target: Path, size: int) -> StoredFile:
+        """Give the written file ``tmp_name`` the spool name ``target`` unless it is taken; make the name durable."""
+        try:
             os.link(tmp_name, target)
         except FileExistsError:
             return StoredFile(target, 0, created=False)
         except OSError as exc:
             raise OutOfResources(f"cannot place {target.name}: {exc.strerror or exc}") from exc
-        finally:
-            _unlink_quietly(tmp_name)
         if self.fsync:
             try:
                 self._folder_sync.sync(target.parent)

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
 from tests.support.dicom_files import make_radiograph
-from tests.support.hostile import associate_rq, connect, pdata_header, read_pdu
+from tests.support.hostile import associate_rq, connect, pdata_header, raw_c_store, read_pdu
 from tests.support.serve import ServeProcess
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -146,6 +147,36 @@ def test_instance_growing_past_the_limit_is_refused_while_it_arrives(tmp_path: P
         assoc.release()
         assert "exceeds [dicom] max_instance_mb after" in server.log()
         assert [p.stem for p in (server.data_dir / "spool").glob("*/*.dcm")] == [small.SOPInstanceUID]
+
+
+def test_requests_pynetdicom_cannot_serve_are_aborted_with_a_reason(tmp_path: Path) -> None:
+    """PDVs on a context never accepted, C-STORE commands without the UIDs PS3.7 requires: A-ABORT, no traceback."""
+    with ServeProcess(tmp_path / "srv") as server:
+        ds = make_radiograph(PIXELS, generate_uid())
+        encoded = encode(ds, False, True)
+        sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+        cases = {
+            "presentation context 7, which was not accepted": {"context_id": 7},
+            "without an Affected SOP Instance UID": {"omit": (0x1000,)},
+            "without an Affected SOP Class UID": {"omit": (0x0002,)},
+            "without a Command Field or Command Data Set Type": {"omit": (0x0800,)},
+        }
+        for reason, kwargs in cases.items():
+            status = raw_c_store(
+                server.port,
+                encoded,
+                command_sop_class=sop_class,
+                command_sop_instance=sop_instance,
+                context_sop_class=sop_class,
+                **kwargs,
+            )
+            assert status is None, f"{reason}: answered {status}"
+            assert reason in server.log(), reason
+        log = server.log()
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+        assert not list((server.data_dir / "spool").glob("*/*.dcm"))
+        assert store_small(server.port, 2) == [0, 0], "the listener did not go on"
+        assert not [p for p in (server.data_dir / "tmp").iterdir()], "a received data set was left in tmp/"
 
 
 def _certificate(folder: Path) -> tuple[Path, Path]:

@@ -186,13 +186,17 @@ def raw_c_store(
     context_sop_class: str,
     transfer_syntax: str = _EXPLICIT_LE,
     fragment: int = 8192,
+    context_id: int = 1,
+    omit: Sequence[int] = (),
 ) -> int | None:
     """One C-STORE-RQ (PS3.7 9.3.1.1) whose command says what the caller wants, on a fresh association.
 
     The command set is built by hand, so its Affected SOP Class and Instance
-    UIDs may differ from the data set's (as a broken or hostile SCU's may).
-    Returns the response's Status, or None if none came (association
-    refused, aborted or closed).
+    UIDs may differ from the data set's (as a broken or hostile SCU's may);
+    ``omit`` leaves out command elements (group 0000 element numbers) and
+    ``context_id`` names the presentation context the PDVs claim (the one
+    negotiated is 1). Returns the response's Status, or None if none came
+    (association refused, aborted or closed).
     """
     sock = connect(port)
     try:
@@ -200,18 +204,19 @@ def raw_c_store(
         answer = read_pdu(sock)
         if answer is None or answer[0] != 0x02:
             return None
-        command = (
-            _command_element(0x0002, command_sop_class.encode())
-            + _command_element(0x0100, struct.pack("<H", 0x0001))
-            + _command_element(0x0110, struct.pack("<H", 1))
-            + _command_element(0x0700, struct.pack("<H", 0))
-            + _command_element(0x0800, struct.pack("<H", 0x0000))
-            + _command_element(0x1000, command_sop_instance.encode())
-        )
+        elements = {
+            0x0002: command_sop_class.encode(),
+            0x0100: struct.pack("<H", 0x0001),
+            0x0110: struct.pack("<H", 1),
+            0x0700: struct.pack("<H", 0),
+            0x0800: struct.pack("<H", 0x0000),
+            0x1000: command_sop_instance.encode(),
+        }
+        command = b"".join(_command_element(tag, value) for tag, value in elements.items() if tag not in omit)
         command = struct.pack("<HHII", 0x0000, 0x0000, 4, len(command)) + command
 
         def pdv(control: int, data: bytes) -> bytes:
-            item = struct.pack(">IB", len(data) + 2, 1) + bytes([control]) + data
+            item = struct.pack(">IB", len(data) + 2, context_id) + bytes([control]) + data
             return pdata_header(len(item)) + item
 
         sock.sendall(pdv(0x03, command))

@@ -159,6 +159,8 @@ def _recv_exactly(raw: socket.socket, count: int, deadline: float) -> bytes:
 
 _C_STORE_RQ = 0x0001
 _NO_DATA_SET = 0x0101
+# C-STORE-RQ, C-ECHO-RQ, C-CANCEL-RQ (PS3.7 E.1): what an acceptor of storage and verification is sent.
+_SERVED_COMMANDS = frozenset({_C_STORE_RQ, 0x0030, 0x0FFF})
 _TAG_AFFECTED_SOP_CLASS = 0x00000002
 _TAG_COMMAND_FIELD = 0x00000100
 _TAG_DATA_SET_TYPE = 0x00000800
@@ -169,9 +171,11 @@ def command_problem(command: bytes) -> str | None:
     """Why a complete command set (PS3.7 §6.3, Implicit VR Little Endian) cannot be served, or None.
 
     Its elements are walked without decoding their values: a set that does
-    not parse, or a C-STORE-RQ with a data set but without Affected SOP Class
-    UID or Affected SOP Instance UID (PS3.7 9.3.1.1, both required), is
-    refused before pynetdicom builds the message from it.
+    not parse, a command other than C-STORE-RQ, C-ECHO-RQ and C-CANCEL-RQ
+    (a C-FIND, C-GET or C-MOVE sent on a storage context), or a C-STORE-RQ
+    with a data set but without Affected SOP Class UID or Affected SOP
+    Instance UID (PS3.7 9.3.1.1, both required), is refused before
+    pynetdicom builds the message from it.
     """
     values: dict[int, bytes] = {}
     offset = 0
@@ -188,7 +192,10 @@ def command_problem(command: bytes) -> str | None:
     data_set = values.get(_TAG_DATA_SET_TYPE, b"")
     if len(field) != 2 or len(data_set) != 2:
         return "command set without a Command Field or Command Data Set Type"
-    if struct.unpack("<H", field)[0] == _C_STORE_RQ and struct.unpack("<H", data_set)[0] != _NO_DATA_SET:
+    command_field = struct.unpack("<H", field)[0]
+    if command_field not in _SERVED_COMMANDS:
+        return f"command 0x{command_field:04X} requested; this listener serves C-STORE and C-ECHO only (PS3.7 9.3)"
+    if command_field == _C_STORE_RQ and struct.unpack("<H", data_set)[0] != _NO_DATA_SET:
         for tag, name in ((_TAG_AFFECTED_SOP_CLASS, "Class"), (_TAG_AFFECTED_SOP_INSTANCE, "Instance")):
             if not values.get(tag, b"").strip(b"\x00 "):
                 return f"C-STORE request without an Affected SOP {name} UID (PS3.7 9.3.1.1)"

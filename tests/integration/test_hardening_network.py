@@ -150,7 +150,8 @@ def test_instance_growing_past_the_limit_is_refused_while_it_arrives(tmp_path: P
 
 
 def test_requests_pynetdicom_cannot_serve_are_aborted_with_a_reason(tmp_path: Path) -> None:
-    """PDVs on a context never accepted, C-STORE commands without the UIDs PS3.7 requires: A-ABORT, no traceback."""
+    """PDVs on a context never accepted, C-STORE commands without the UIDs PS3.7 requires, C-FIND or C-MOVE
+    on a storage context: A-ABORT with the reason at WARNING, no traceback, the listener goes on."""
     with ServeProcess(tmp_path / "srv") as server:
         ds = make_radiograph(PIXELS, generate_uid())
         encoded = encode(ds, False, True)
@@ -160,6 +161,8 @@ def test_requests_pynetdicom_cannot_serve_are_aborted_with_a_reason(tmp_path: Pa
             "without an Affected SOP Instance UID": {"omit": (0x1000,)},
             "without an Affected SOP Class UID": {"omit": (0x0002,)},
             "without a Command Field or Command Data Set Type": {"omit": (0x0800,)},
+            "command 0x0020 requested; this listener serves C-STORE and C-ECHO only": {"command_field": 0x0020},
+            "command 0x0021 requested": {"command_field": 0x0021},
         }
         for reason, kwargs in cases.items():
             status = raw_c_store(

@@ -188,12 +188,14 @@ def raw_c_store(
     fragment: int = 8192,
     context_id: int = 1,
     omit: Sequence[int] = (),
+    command_field: int = 0x0001,
 ) -> int | None:
     """One C-STORE-RQ (PS3.7 9.3.1.1) whose command says what the caller wants, on a fresh association.
 
     The command set is built by hand, so its Affected SOP Class and Instance
     UIDs may differ from the data set's (as a broken or hostile SCU's may);
-    ``omit`` leaves out command elements (group 0000 element numbers) and
+    ``omit`` leaves out command elements (group 0000 element numbers),
+    ``command_field`` makes it another command (0x0020: C-FIND-RQ) and
     ``context_id`` names the presentation context the PDVs claim (the one
     negotiated is 1). Returns the response's Status, or None if none came
     (association refused, aborted or closed).
@@ -206,7 +208,7 @@ def raw_c_store(
             return None
         elements = {
             0x0002: command_sop_class.encode(),
-            0x0100: struct.pack("<H", 0x0001),
+            0x0100: struct.pack("<H", command_field),
             0x0110: struct.pack("<H", 1),
             0x0700: struct.pack("<H", 0),
             0x0800: struct.pack("<H", 0x0000),

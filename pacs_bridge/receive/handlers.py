@@ -209,10 +209,11 @@ class Handlers:
                 # The PS3.10 file written while the data set arrived: the bytes to keep, already on disk.
                 ds = dataset_from_received_file(staged, transfer_syntax, limit)
                 size = staged.stat().st_size
-                data = b""
+                chunks: tuple[bytes, ...] = ()
             else:
                 data = event.encoded_dataset()
                 size = len(data)
+                chunks = (data,)
                 if UID(transfer_syntax).is_deflated:
                     # pynetdicom would inflate without a limit (a deflate bomb): inflate within the instance limit.
                     ds = dataset_from_c_store(event.encoded_dataset(include_meta=False), transfer_syntax, limit)
@@ -246,7 +247,7 @@ class Handlers:
         try:
             outcome = self.ingestor.ingest(
                 ds,
-                (data,),
+                chunks,
                 size=size,
                 transfer_syntax=transfer_syntax,
                 calling_aet=calling,

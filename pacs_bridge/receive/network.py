@@ -212,8 +212,7 @@ class GuardedDUL(DULServiceProvider):
         self._refused: dict[int, int] = {}
         self._refused_lock = threading.Lock()
         self._closing = False
-        self._command_bytes = 0
-        self._command = bytearray()
+        self._command = bytearray()  # the command set being received (PS3.7 6.3), cleared once complete
         self._accepted: frozenset[int] | None = None
         self._dataset_bytes = 0
         self._discarding = False
@@ -432,12 +431,11 @@ class GuardedDUL(DULServiceProvider):
             control = data[0]
             last = bool(control & 2)
             if control & 1:  # command fragment
-                if self._command_bytes == 0 and self.assoc.dimse.msg_queue.qsize() > 0:
+                if not self._command and self.assoc.dimse.msg_queue.qsize() > 0:
                     self._refuse_pdu("new request before the previous one was answered (no asynchronous operations)")
                     return False
                 self._discarding = False
-                self._command_bytes += len(data) - 1
-                if self._command_bytes > _MAX_COMMAND_SET:
+                if len(self._command) + len(data) - 1 > _MAX_COMMAND_SET:
                     self._refuse_pdu("command set longer than %d bytes", _MAX_COMMAND_SET)
                     return False
                 self._command.extend(memoryview(data)[1:])
@@ -447,7 +445,6 @@ class GuardedDUL(DULServiceProvider):
                     if problem:
                         self._refuse_pdu("%s", problem)
                         return False
-                    self._command_bytes = 0
                     self._dataset_bytes = 0
                 kept.append(item)
                 continue

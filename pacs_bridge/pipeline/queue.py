@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
@@ -42,6 +42,7 @@ __all__ = [
     "ClaimedJob",
     "LeaseLost",
     "RetryPolicy",
+    "any_due",
     "claim",
     "complete",
     "dedup_key",
@@ -191,6 +192,43 @@ def _retire_superseded(session: Session, kinds: Sequence[JobKind], now: datetime
     )
 
 
+# Built once, bound per call: an idle stage looks for work twice a second, and one read of the
+# due index is all it costs while nothing is due (no ORM session, no write lock on SQLite).
+_KINDS = bindparam("kinds", expanding=True)
+_ANY_DUE = (
+    select(Job.id)
+    .where(
+        Job.kind.in_(_KINDS),
+        or_(
+            and_(Job.state == JobState.PENDING, Job.not_before <= bindparam("now")),
+            and_(Job.state == JobState.RUNNING, Job.lease_expires < bindparam("now")),
+        ),
+    )
+    .limit(1)
+)
+_NEXT_PENDING = (
+    select(func.min(Job.not_before))
+    .where(Job.kind.in_(_KINDS), Job.state == JobState.PENDING, Job.not_before > bindparam("now"))
+    .scalar_subquery()
+)
+_NEXT_LEASE = (
+    select(func.min(Job.lease_expires))
+    .where(Job.kind.in_(_KINDS), Job.state == JobState.RUNNING, Job.lease_expires > bindparam("now"))
+    .scalar_subquery()
+)
+_NEXT_DUE = select(_NEXT_PENDING, _NEXT_LEASE)
+
+
+def any_due(db: Database, kinds: Sequence[JobKind], *, now: datetime | None = None) -> bool:
+    """True if a job of ``kinds`` may be claimable now (pending and due, or running with an expired lease).
+
+    A read of the due index only; :func:`claim` still decides (another worker may take the job first).
+    """
+    now = now or utcnow()
+    with db.engine.connect() as conn:
+        return conn.execute(_ANY_DUE, {"kinds": list(kinds), "now": now}).first() is not None
+
+
 def claim(
     db: Database,
     kinds: Sequence[JobKind],
@@ -206,6 +244,8 @@ def claim(
     ``destination`` restricts deliver jobs to one destination (a batch per association).
     """
     now = now or utcnow()
+    if not any_due(db, kinds, now=now):
+        return []
     expires = now + timedelta(seconds=lease_seconds)
     with db.session() as session:
         _retire_superseded(session, kinds, now)
@@ -269,17 +309,9 @@ def next_due(db: Database, kinds: Sequence[JobKind], *, now: datetime | None = N
     only spin.
     """
     now = now or utcnow()
-    with db.session() as session:
-        pending = session.scalar(
-            select(func.min(Job.not_before)).where(
-                Job.kind.in_(list(kinds)), Job.state == JobState.PENDING, Job.not_before > now
-            )
-        )
-        leased = session.scalar(
-            select(func.min(Job.lease_expires)).where(
-                Job.kind.in_(list(kinds)), Job.state == JobState.RUNNING, Job.lease_expires > now
-            )
-        )
+    with db.engine.connect() as conn:
+        row = conn.execute(_NEXT_DUE, {"kinds": list(kinds), "now": now}).one()
+    pending, leased = row[0], row[1]
     times = [t for t in (aware(pending), aware(leased)) if t is not None]
     if not times:
         return None

@@ -38,7 +38,7 @@ from pacs_bridge.receive.ingest import (
 )
 from pacs_bridge.receive.streaming import take_write_error
 
-__all__ = ["AssociationPolicy", "AssociationStats", "Handlers"]
+__all__ = ["AssociationPolicy", "AssociationStats", "Handlers", "ReceivedStore"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -95,6 +95,38 @@ def _staged_file(event: Any) -> Path | None:
     except AttributeError:
         return None
     return Path(path) if path is not None else None
+
+
+@dataclass(frozen=True)
+class ReceivedStore:
+    """One C-STORE request as received (PS3.7 9.3.1.1): its command's values and where its data set is."""
+
+    message_id: int
+    affected_sop_class: str
+    affected_sop_instance: str
+    context_class: str
+    """The abstract syntax of the presentation context it came on."""
+    transfer_syntax: str
+    staged: Path | None
+    """The PS3.10 file its data set was written to while it arrived; None when it is held in memory."""
+    write_error: OSError | None = None
+    cut_at: int | None = None
+    """Bytes received when the data set was cut short for its size (``[dicom] max_instance_mb``)."""
+
+
+def _from_event(event: Any, staged: Path | None) -> ReceivedStore:
+    request = event.request
+    take_refusal = getattr(event.assoc.dul, "take_refusal", None)
+    return ReceivedStore(
+        message_id=int(request.MessageID),
+        affected_sop_class=str(request.AffectedSOPClassUID or "").strip("\x00 "),
+        affected_sop_instance=str(request.AffectedSOPInstanceUID or "").strip("\x00 "),
+        context_class=str(event.context.abstract_syntax),
+        transfer_syntax=str(event.context.transfer_syntax),
+        staged=staged,
+        write_error=take_write_error(staged) if staged is not None else None,
+        cut_at=take_refusal(int(request.MessageID)) if take_refusal is not None else None,
+    )
 
 
 class Handlers:
@@ -165,45 +197,50 @@ class Handlers:
         return 0x0000
 
     def on_store(self, event: Any) -> int | tuple[int, str]:
-        """C-STORE: store durably, then answer."""
-        stats = self._stats.get(id(event.assoc))
+        """C-STORE through pynetdicom's DIMSE layer: store durably, then answer."""
+        return self.store(event.assoc, _from_event(event, _staged_file(event)), event)
+
+    def store(self, assoc: Any, received: ReceivedStore, event: Any = None) -> int:
+        """Store one received C-STORE durably and return its status (PS3.4 B.2.3); never raises.
+
+        ``event`` (pynetdicom's) is needed only when the data set is held in memory (``staged`` None).
+        """
+        stats = self._stats.get(id(assoc))
         with self._lock:
             self.in_flight += 1
         try:
-            return self._store(event, stats)
+            return self._store(assoc, received, stats, event)
         finally:
             with self._lock:
                 self.in_flight -= 1
 
-    def _store(self, event: Any, stats: AssociationStats | None) -> int:
-        calling = event.assoc.requestor.ae_title.strip()
-        staged = _staged_file(event)
-        write_error = take_write_error(staged) if staged is not None else None
-        take_refusal = getattr(event.assoc.dul, "take_refusal", None)
-        cut_at = take_refusal(int(event.request.MessageID)) if take_refusal is not None else None
-        if cut_at is not None:
+    def _store(self, assoc: Any, received: ReceivedStore, stats: AssociationStats | None, event: Any) -> int:
+        calling = assoc.requestor.ae_title.strip()
+        staged = received.staged
+        instance = received.affected_sop_instance or "unknown instance"
+        if received.cut_at is not None:
             # The data set grew past [dicom] max_instance_mb while it arrived and was dropped (receive/network.py).
             LOGGER.warning(
                 "C-STORE of %s from %s refused (0xA700): larger than [dicom] max_instance_mb (cut at %d bytes)",
-                event.request.AffectedSOPInstanceUID or "unknown instance",
+                instance,
                 calling,
-                cut_at,
+                received.cut_at,
             )
             if stats:
                 stats.failed += 1
             return STATUS_OUT_OF_RESOURCES
-        if write_error is not None:
+        if received.write_error is not None:
             LOGGER.warning(
                 "C-STORE of %s from %s refused (0xA700): it could not be written while it arrived: %s",
-                event.request.AffectedSOPInstanceUID or "unknown instance",
+                instance,
                 calling,
-                write_error.strerror or write_error,
+                received.write_error.strerror or received.write_error,
             )
             if stats:
                 stats.failed += 1
             return STATUS_OUT_OF_RESOURCES
         limit = self.ingestor.max_instance_bytes
-        transfer_syntax = str(event.context.transfer_syntax)
+        transfer_syntax = received.transfer_syntax
         try:
             if staged is not None:
                 # The PS3.10 file written while the data set arrived: the bytes to keep, already on disk.
@@ -229,9 +266,8 @@ class Handlers:
             if stats:
                 stats.failed += 1
             return STATUS_CANNOT_UNDERSTAND
-        request = event.request
-        command_class = str(request.AffectedSOPClassUID or "").strip("\x00 ")
-        context_class = str(event.context.abstract_syntax)
+        command_class = received.affected_sop_class
+        context_class = received.context_class
         if command_class != context_class:
             # pynetdicom serves a request by its command's SOP class, whatever the context says.
             LOGGER.warning(
@@ -253,7 +289,7 @@ class Handlers:
                 calling_aet=calling,
                 source="dicom",
                 expected_sop_class=context_class,
-                expected_sop_instance=str(request.AffectedSOPInstanceUID or "").strip("\x00 "),
+                expected_sop_instance=received.affected_sop_instance,
                 staged=staged,
             )
         except Exception:

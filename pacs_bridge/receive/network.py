@@ -51,6 +51,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,9 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from pacs_bridge.receive.pdata import StoreReader
+from pacs_bridge.receive.streaming import temp_file_factory
 
 __all__ = ["GuardedDUL", "GuardedRequestHandler", "GuardedServer", "NetworkLimits", "PromptAssociation"]
 
@@ -157,6 +161,12 @@ def _recv_exactly(raw: socket.socket, count: int, deadline: float) -> bytes:
     return bytes(buf[: _recv_into(raw, memoryview(buf), deadline)])
 
 
+def _p_data_tf(items: list[tuple[int, bytes]]) -> bytearray:
+    """A P-DATA-TF PDU (PS3.8 9.3.5) of ``(presentation context ID, control header + fragment)`` items."""
+    body = b"".join(struct.pack(">LB", len(value) + 1, context_id) + value for context_id, value in items)
+    return bytearray(struct.pack(">BBL", 0x04, 0x00, len(body)) + body)
+
+
 _C_STORE_RQ = 0x0001
 _NO_DATA_SET = 0x0101
 # C-STORE-RQ, C-ECHO-RQ, C-CANCEL-RQ (PS3.7 E.1): what an acceptor of storage and verification is sent.
@@ -216,6 +226,7 @@ class GuardedDUL(DULServiceProvider):
         self._accepted: frozenset[int] | None = None
         self._dataset_bytes = 0
         self._discarding = False
+        self.store_reader: StoreReader | None = None  # C-STORE served from the PDUs (receive/pdata.py)
         self._bell_rx, self._bell_tx = socket.socketpair()
         self._bell_rx.setblocking(False)
         self._bell_tx.setblocking(False)
@@ -295,6 +306,8 @@ class GuardedDUL(DULServiceProvider):
                     return
                 idle = False
         finally:
+            if self.store_reader is not None:
+                self.store_reader.close()
             self._bell_rx.close()
             self._bell_tx.close()
 
@@ -324,6 +337,19 @@ class GuardedDUL(DULServiceProvider):
         """Bytes received of the data set of request ``message_id`` if it was cut short for its size."""
         with self._refused_lock:
             return self._refused.pop(message_id, None)
+
+    def refuse(self, reason: str) -> None:
+        """Abort the association for ``reason`` (logged at WARNING with the peer)."""
+        self._refuse_pdu("%s", reason)
+
+    def send_bytes(self, data: bytes) -> None:
+        """Write an encoded PDU to the peer from the reactor's thread (a closed connection queues Evt17)."""
+        if self.socket is not None:
+            self.socket.send(data)
+
+    def accepted_ids(self) -> frozenset[int]:
+        """The IDs of the accepted presentation contexts (PS3.8 9.3.3.2)."""
+        return self._accepted_ids()
 
     def _refuse_pdu(self, reason: str, *args: Any) -> None:
         """A-ABORT through the state machine (Evt19, invalid PDU); the connection closes after it."""
@@ -393,6 +419,11 @@ class GuardedDUL(DULServiceProvider):
         if received != pdu_length:
             self._close()  # the peer closed in the middle of a PDU
             return
+        if pdu_type == 0x04 and self.store_reader is not None and self.state_machine.current_state == "Sta6":
+            forward = self.store_reader.take(pdu_bytes)
+            if not forward:
+                return  # served here (C-STORE), or refused (the abort is queued)
+            pdu_bytes = _p_data_tf(forward)
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
         except Exception as exc:
@@ -578,6 +609,20 @@ class GuardedRequestHandler(RequestHandler):
         while not plain.event_queue.empty():
             guarded.event_queue.put(plain.event_queue.get())
         assoc.dul = guarded
+        store, open_file = self.server.store, temp_file_factory()
+        if store is not None and open_file is not None:
+            guarded.store_reader = StoreReader(
+                assoc,
+                max_instance_bytes=self.server.limits.max_instance_bytes,
+                store=store,
+                open_file=open_file,
+                send=guarded.send_bytes,
+                refuse=guarded.refuse,
+                pending_elsewhere=lambda: assoc.dimse.msg_queue.qsize() > 0,
+                accepted=guarded.accepted_ids,
+                problem=command_problem,
+                max_command_bytes=_MAX_COMMAND_SET,
+            )
         # The timeouts live in the DUL's timers: apply them to the new one.
         assoc.acse_timeout = assoc.acse_timeout
         assoc.network_timeout = assoc.network_timeout
@@ -590,8 +635,11 @@ class GuardedServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, *args: Any, limits: NetworkLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, limits: NetworkLimits, store: Callable[[Any, Any], int] | None = None, **kwargs: Any
+    ) -> None:
         self.limits = limits
+        self.store = store
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
         super().__init__(*args, **kwargs)

@@ -114,6 +114,7 @@ class DicomListener:
             server_class=GuardedServer,
             request_handler=GuardedRequestHandler,
             limits=self.limits,
+            store=self.handlers.store,
         )
         stamp = datetime.now().strftime("%Y%m%d%H%M%S")
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True)

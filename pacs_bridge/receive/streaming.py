@@ -37,19 +37,21 @@ import os
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import _config, dimse_messages
 
-__all__ = ["SpoolTempFile", "stream_into", "take_write_error"]
+__all__ = ["SpoolTempFile", "stream_into", "take_write_error", "temp_file_factory"]
 
 LOGGER = logging.getLogger(__name__)
 
 _ERRORS: dict[str, OSError] = {}
 _ERRORS_LOCK = threading.Lock()
 _MAX_ERRORS = 1000
+_FACTORY: list[Callable[[], SpoolTempFile]] = []
 
 
 # Early write-back: once this much is written, the disk starts on it while the rest arrives.
@@ -140,7 +142,13 @@ def stream_into(folder: Path, prefix: str, *, early_sync: bool = True) -> None:
     def make(*_args: Any, **_kwargs: Any) -> SpoolTempFile:
         return SpoolTempFile(folder, prefix, early_sync)
 
+    _FACTORY[:] = [make]
     _config.STORE_RECV_CHUNKED_DATASET = True
     # pynetdicom names the factory it calls for each received data set; it gets ours.
     dimse_messages.NamedTemporaryFile = make  # type: ignore[attr-defined,assignment]
     LOGGER.debug("C-STORE data sets are written into %s as they arrive", folder)
+
+
+def temp_file_factory() -> Callable[[], SpoolTempFile] | None:
+    """What makes the temp file of a data set as it arrives, once :func:`stream_into` has set it; else None."""
+    return _FACTORY[0] if _FACTORY else None

@@ -69,12 +69,12 @@ def _merge_modalities(current: str | None, modality: str | None) -> str | None:
     return "\\".join(sorted(values))
 
 
-def _select_or_insert(conn: Connection, table: Any, where: Any, values: dict[str, Any]) -> int:
-    """The id of the row matching ``where``, inserted from ``values`` when there is none."""
-    found = conn.execute(select(table.id).where(where)).scalar()
+def _select_or_insert(conn: Connection, find: Any, add: Any, uid: str, values: dict[str, Any]) -> int:
+    """The id of the row whose UID is ``uid`` (statement ``find``), inserted from ``values`` by ``add`` if none."""
+    found = conn.execute(find, {"uid": uid}).scalar()
     if found is not None:
         return int(found)
-    return int(conn.execute(insert(table).values(**values).returning(table.id)).scalar_one())
+    return int(conn.execute(add, values).scalar_one())
 
 
 # Statements built once: each instance only binds its values, so SQLAlchemy finds the compiled
@@ -93,6 +93,12 @@ _STUDY_RECEIVED = (
     )
 )
 _INSERT_INSTANCE = insert(Instance)
+_FIND_STUDY = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
+_ADD_STUDY = insert(Study).returning(Study.id)
+_FIND_SERIES = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
+_ADD_SERIES = insert(Series).returning(Series.id)
+_STUDY_MODALITIES = select(Study.modalities).where(Study.id == bindparam("sid"))
+_SET_MODALITIES = update(Study).where(Study.id == bindparam("sid")).values(modalities=bindparam("modalities"))
 _QUEUE_SETTLE_SQLITE = sqlite.insert(Job).on_conflict_do_nothing()
 _QUEUE_SETTLE_PG = postgresql.insert(Job).on_conflict_do_nothing()
 
@@ -150,8 +156,9 @@ class FastIndex:
         if study_id is None:
             study_id = _select_or_insert(
                 conn,
-                Study,
-                Study.study_instance_uid == record.study_instance_uid,
+                _FIND_STUDY,
+                _ADD_STUDY,
+                record.study_instance_uid,
                 dict(
                     study_instance_uid=record.study_instance_uid,
                     patient_id=record.patient_id,
@@ -172,17 +179,18 @@ class FastIndex:
             self._studies[record.study_instance_uid] = study_id
         seen = self._modalities.get(study_id)
         if record.modality and (seen is None or record.modality not in seen):
-            current = conn.execute(select(Study.modalities).where(Study.id == study_id)).scalar()
+            current = conn.execute(_STUDY_MODALITIES, {"sid": study_id}).scalar()
             merged = _merge_modalities(current, record.modality)
-            conn.execute(update(Study).where(Study.id == study_id).values(modalities=merged))
+            conn.execute(_SET_MODALITIES, {"sid": study_id, "modalities": merged})
             self._modalities[study_id] = set(filter(None, (merged or "").split("\\")))
         conn.execute(_STUDY_RECEIVED, {"sid": study_id, "now": now, "size": record.size_bytes})
         series_id = self._series.get(record.series_instance_uid)
         if series_id is None:
             series_id = _select_or_insert(
                 conn,
-                Series,
-                Series.series_instance_uid == record.series_instance_uid,
+                _FIND_SERIES,
+                _ADD_SERIES,
+                record.series_instance_uid,
                 dict(
                     series_instance_uid=record.series_instance_uid,
                     study_id=study_id,

@@ -14,6 +14,13 @@ __all__ = ["relative_to_data", "resolve_stored"]
 
 def relative_to_data(path: Path, data_dir: Path) -> str:
     """``path`` relative to ``data_dir`` when it lies inside it, else as given."""
+    path, data_dir = Path(path), Path(data_dir)
+    if path.is_absolute() and data_dir.is_absolute() and ".." not in path.parts:
+        # A spool path is built from the data folder: no file system walk needed to relate the two.
+        try:
+            return str(path.relative_to(data_dir))
+        except ValueError:
+            pass
     try:
         return str(Path(path).resolve().relative_to(Path(data_dir).resolve()))
     except ValueError:

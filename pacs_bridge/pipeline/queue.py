@@ -194,7 +194,7 @@ def _retire_superseded(session: Session, kinds: Sequence[JobKind], now: datetime
 
 # Built once, bound per call: an idle stage looks for work twice a second, and one read of the
 # due index is all it costs while nothing is due (no ORM session, no write lock on SQLite).
-_KINDS = bindparam("kinds", expanding=True)
+_KINDS: Any = bindparam("kinds", expanding=True)
 _ANY_DUE = (
     select(Job.id)
     .where(

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta
 
 from pacs_bridge.receive.handlers import ReceivedStore
@@ -261,8 +262,8 @@ class StoreReader:
             write_file_meta_info(
                 temp,  # type: ignore[arg-type]
                 create_file_meta(
-                    sop_class_uid=_text(sop_class),
-                    sop_instance_uid=_text(sop_instance),
+                    sop_class_uid=UID(_text(sop_class)),
+                    sop_instance_uid=UID(_text(sop_instance)),
                     transfer_syntax=incoming.meta["transfer_syntax"],
                 ),
             )

@@ -25,8 +25,10 @@ the data set as received) and hands the handler its path
   answer; remembered, the handler answers 0xA700 (Out of Resources,
   PS3.4 B.2.3) and the sender keeps the instance.
 
-pynetdicom closes and removes the temp file once the handler has answered;
-the spool's link to it stays. The setting and the temp-file factory belong
+The C-STORE requests of the listener are read by :mod:`pacs_bridge.receive.pdata`,
+which makes its temp files with :func:`temp_file_factory`; pynetdicom, when it
+serves a request, uses the same factory. Whichever wrote the file closes and
+removes it once the store has answered; the spool's link to it stays. The setting and the temp-file factory belong
 to the process: one receiving service per process.
 """
 

@@ -100,8 +100,10 @@ def test_fragmented_stores_and_an_echo_on_one_association_are_stored_byte_for_by
             sock.sendall(pdu((1, 0x03, first[20:]), (1, 0x00, data[:100])))
             rest = [data[n : n + 997] for n in range(100, len(data), 997)]
             sock.sendall(pdu(*[(1, 0x02 if n == len(rest) - 1 else 0x00, part) for n, part in enumerate(rest)]))
+            got = responses(sock, 1)  # each request waits for its answer: no asynchronous operations
             # 2: a C-ECHO on the Verification context, served by the other path.
             sock.sendall(pdu((3, 0x03, command(0x0030, 2, VERIFICATION, None))))
+            got += responses(sock, 1)
             # 3: one-byte fragments for the first 64 bytes, then the rest in one PDU each of 4000 bytes.
             third = command(0x0001, 3, DX, str(sets[1].SOPInstanceUID))
             data = encoded[1]
@@ -110,7 +112,7 @@ def test_fragmented_stores_and_an_echo_on_one_association_are_stored_byte_for_by
             chunks = [data[n : n + 4000] for n in range(64, len(data), 4000)]
             for n, part in enumerate(chunks):
                 sock.sendall(pdu((1, 0x02 if n == len(chunks) - 1 else 0x00, part)))
-            got = responses(sock, 3)
+            got += responses(sock, 1)
             # 4: a C-STORE whose command names another instance than its data set: refused, nothing kept.
             fourth = command(0x0001, 4, DX, generate_uid())
             sock.sendall(pdu((1, 0x03, fourth), (1, 0x02, encoded[2])))

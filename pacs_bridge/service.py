@@ -125,7 +125,12 @@ class Service:
         removed = spool.clean_tmp()
         if removed:
             LOGGER.info("removed %d partial files left by an interrupted store on this node", removed)
-        self.ingestor = Ingestor(spool, self.db, max_instance_bytes=int(settings.dicom.max_instance_mb * 1024 * 1024))
+        self.ingestor = Ingestor(
+            spool,
+            self.db,
+            max_instance_bytes=int(settings.dicom.max_instance_mb * 1024 * 1024),
+            settle_seconds=settings.study.settle_seconds,
+        )
         recovered = self.ingestor.reconcile()
         if recovered:
             LOGGER.warning("indexed %d spool files that had no database row", recovered)

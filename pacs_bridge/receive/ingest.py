@@ -173,7 +173,7 @@ def _error_text(exc: BaseException) -> str:
 class Ingestor:
     """Validates, stores and indexes instances; safe to call from many threads."""
 
-    def __init__(self, spool: Spool, db: Database, *, max_instance_bytes: int) -> None:
+    def __init__(self, spool: Spool, db: Database, *, max_instance_bytes: int, settle_seconds: float = 0.0) -> None:
         self.spool = spool
         self.db = db
         self.max_instance_bytes = max_instance_bytes
@@ -181,7 +181,8 @@ class Ingestor:
         # One writer at a time keeps SQLite free of lock contention and makes the
         # duplicate check and the insert one step; file writes happen outside it.
         self._index_lock = threading.Lock()
-        self._index = FastIndex()
+        # A new study's settle job is due when its quiet period ([study] settle_seconds) could be over.
+        self._index = FastIndex(settle_seconds=settle_seconds)
         self._claims = _Claims()
 
     def _identify(self, ds: Dataset, transfer_syntax: str | None) -> tuple[str, str, str, str]:

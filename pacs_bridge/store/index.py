@@ -8,7 +8,7 @@ Instance UID is a duplicate: nothing changes and the stored file is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +103,20 @@ _QUEUE_SETTLE_SQLITE = sqlite.insert(Job).on_conflict_do_nothing()
 _QUEUE_SETTLE_PG = postgresql.insert(Job).on_conflict_do_nothing()
 
 
-def _queue_settle(conn: Connection, study_id: int, now: datetime) -> bool:
+def _queue_settle(conn: Connection, study_id: int, now: datetime, due: datetime) -> bool:
     """Make sure a settle job is pending for the study (PS3.4 has no "study complete" for C-STORE).
 
-    True if this call queued it (none was pending): only then is there news for the settle stage.
+    The job is due at ``due``, the end of the quiet period that this instance starts: a study still
+    receiving is not looked at before it could be quiet (each look would find it busy, defer the job,
+    and let the next instance queue another). True if this call queued it (none was pending): only
+    then is there news for the settle stage.
     """
     values: dict[str, Any] = {
         "kind": JobKind.SETTLE,
         "state": JobState.PENDING,
         "dedup_key": f"settle:{study_id}",
         "study_id": study_id,
-        "not_before": now,
+        "not_before": due,
         "attempts": 0,
         "created_at": now,
         "updated_at": now,
@@ -130,7 +133,8 @@ class FastIndex:
     inserts at most. The caller serialises calls (the ingest lock).
     """
 
-    def __init__(self, max_cached: int = 10_000) -> None:
+    def __init__(self, max_cached: int = 10_000, settle_seconds: float = 0.0) -> None:
+        self._settle = timedelta(seconds=max(settle_seconds, 0.0))
         self._studies: dict[str, int] = {}
         self._series: dict[str, int] = {}
         self._modalities: dict[int, set[str]] = {}
@@ -202,7 +206,7 @@ class FastIndex:
             )
             self._series[record.series_instance_uid] = series_id
         # The study's settle job (one pending per study): it runs once the study is quiet.
-        settle_queued = _queue_settle(conn, study_id, now)
+        settle_queued = _queue_settle(conn, study_id, now, now + self._settle)
         conn.execute(
             _INSERT_INSTANCE,
             {

@@ -208,11 +208,12 @@ def test_console_in_a_real_browser(server: ServeProcess, pacs: StorageSCP, brows
     browser.find_element(By.ID, "username").send_keys("alice")
     browser.find_element(By.ID, "password").send_keys("not the password")
     browser.find_element(By.ID, "login").click()
-    assert "Wrong user name or password" in browser.find_element(By.CSS_SELECTOR, ".error").text
+    refusal = wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".error")))
+    assert "Wrong user name or password" in refusal.text
     browser.find_element(By.ID, "username").send_keys("alice")
     browser.find_element(By.ID, "password").send_keys(PASSWORD)
     browser.find_element(By.ID, "login").click()
-    wait(browser).until(ec.url_contains("/studies"))
+    wait(browser).until(lambda driver: "/login" not in driver.current_url)
 
     # Upload a radiograph: probability, body region, heatmap; then the PDF report.
     browser.get(f"{url}/upload")

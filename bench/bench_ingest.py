@@ -178,33 +178,53 @@ def bench_disk(work: Path, subdirs: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def bench_bridge(work: Path, subdirs: list[Path], fsync: bool) -> float:
+def bench_bridge(work: Path, subdirs: list[Path], fsync: bool, receivers: int = 1) -> float:
+    """``pacs-bridge serve`` as shipped; with ``receivers`` > 1, that many ``serve --roles receive``
+    processes on one port (``[dicom] reuse_port``), one spool and one database."""
     port = free_port()
     data = work / "bridge-data"
     shutil.rmtree(data, ignore_errors=True)
     config = {
-        "dicom": {"host": "127.0.0.1", "port": port, "ae_title": "PACS_BRIDGE"},
+        "dicom": {"host": "127.0.0.1", "port": port, "ae_title": "PACS_BRIDGE", "reuse_port": receivers > 1},
         "storage": {"data_dir": str(data), "fsync": fsync, "min_free_mb": 1},
         "watch": {"enabled": False},
         "study": {"settle_seconds": 3600},
         "analysis": {"enabled": False},
         "web": {"enabled": False},
-        "log": {"level": "WARNING"},
+        "log": {"level": "INFO"},
     }
+    if receivers > 1:
+        config["queue"] = {"roles": ["receive"]}
     config_path = work / "bench.toml"
     config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pacs_bridge.cli", "serve", "--config", str(config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=work,
-    )
+    command = [sys.executable, "-m", "pacs_bridge.cli"]
+    subprocess.run([*command, "migrate", "--config", str(config_path)], check=True, capture_output=True, cwd=work)
+    procs = []
     try:
+        for index in range(receivers):
+            log = work / f"bridge-{index}.log"
+            log.unlink(missing_ok=True)
+            with open(log, "wb") as handle:
+                procs.append(
+                    subprocess.Popen(
+                        [*command, "serve", "--config", str(config_path)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=handle,
+                        cwd=work,
+                    )
+                )
+            deadline = time.monotonic() + 60
+            while b"pacs-bridge ready" not in log.read_bytes():
+                if time.monotonic() > deadline or procs[-1].poll() is not None:
+                    raise RuntimeError(f"pacs-bridge did not start: {log.read_text(errors='replace')[-500:]}")
+                time.sleep(0.05)
         wait_port(port)
         return run_clients(port, subdirs, "PACS_BRIDGE")
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
 
 
 def main() -> int:
@@ -235,6 +255,7 @@ def main() -> int:
                     "plain": [],
                     "bridge": [],
                     "bridge-nofsync": [],
+                    "bridge-2": [],
                 }
                 for _ in range(args.repeat):
                     times["storescp"].append(bench_storescp(work, subdirs))
@@ -242,6 +263,7 @@ def main() -> int:
                     times["plain"].append(bench_plain(work, subdirs))
                     times["bridge"].append(bench_bridge(work, subdirs, fsync=True))
                     times["bridge-nofsync"].append(bench_bridge(work, subdirs, fsync=False))
+                    times["bridge-2"].append(bench_bridge(work, subdirs, fsync=True, receivers=2))
                 rate = {k: count / statistics.median(v) for k, v in times.items()}
                 rows.append((label, size, count, parallel, rate))
                 print(
@@ -250,15 +272,17 @@ def main() -> int:
                     f"plain pynetdicom {rate['plain']:7.1f}/s  "
                     f"pacs-bridge {rate['bridge']:7.1f}/s "
                     f"({rate['bridge'] / rate['storescp']:.2f}x)  no fsync {rate['bridge-nofsync']:7.1f}/s "
-                    f"({rate['bridge-nofsync'] / rate['storescp']:.2f}x)",
+                    f"({rate['bridge-nofsync'] / rate['storescp']:.2f}x)  two receivers {rate['bridge-2']:7.1f}/s "
+                    f"({rate['bridge-2'] / rate['storescp']:.2f}x)",
                     flush=True,
                 )
                 shutil.rmtree(folder)
     lines = [
         "| set | instance size | instances | associations | storescp (inst/s) "
         "| write + fsync, no network (inst/s) | ratio | plain pynetdicom + fsync (inst/s) "
-        "| ratio | pacs-bridge, fsync (inst/s) | ratio | pacs-bridge, no fsync (inst/s) | ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ratio | pacs-bridge, fsync (inst/s) | ratio | pacs-bridge, no fsync (inst/s) | ratio "
+        "| pacs-bridge, 2 receiving processes, fsync (inst/s) | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, size, count, parallel, rate in rows:
         lines.append(
@@ -266,7 +290,8 @@ def main() -> int:
             f"{rate['disk']:.1f} | {rate['disk'] / rate['storescp']:.2f}x | "
             f"{rate['plain']:.1f} | {rate['plain'] / rate['storescp']:.2f}x | "
             f"{rate['bridge']:.1f} | {rate['bridge'] / rate['storescp']:.2f}x | {rate['bridge-nofsync']:.1f} | "
-            f"{rate['bridge-nofsync'] / rate['storescp']:.2f}x |"
+            f"{rate['bridge-nofsync'] / rate['storescp']:.2f}x | "
+            f"{rate['bridge-2']:.1f} | {rate['bridge-2'] / rate['storescp']:.2f}x |"
         )
     table = "\n".join(lines)
     print(table)

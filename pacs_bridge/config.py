@@ -78,6 +78,14 @@ class DicomSettings(_Section):
         le=1000,
         description="Connections one peer address may hold at once; more are closed at once (floods, slow clients).",
     )
+    reuse_port: bool = Field(
+        False,
+        description=(
+            "Open the listener with SO_REUSEPORT, so that several `serve --roles receive` processes on this "
+            "machine share one port and the kernel spreads new associations over them (Linux): every core "
+            "receives. Each process keeps its own max_associations and per-host limit."
+        ),
+    )
     max_pdu_size: int = Field(
         4 * 1024 * 1024,
         ge=4096,

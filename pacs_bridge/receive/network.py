@@ -100,6 +100,7 @@ class NetworkLimits:
     network_timeout: float
     max_per_host: int
     max_connections: int
+    reuse_port: bool = False
 
 
 class _Deadline(Exception):
@@ -643,6 +644,13 @@ class GuardedServer(ThreadedAssociationServer):
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """Bind; with ``[dicom] reuse_port``, as one of several processes that share the port (SO_REUSEPORT)."""
+        if self.limits.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept; with TLS, wrap without handshaking here (the handler does it, bounded)."""

@@ -101,6 +101,7 @@ class DicomListener:
             network_timeout=settings.network_timeout,
             max_per_host=settings.max_associations_per_host,
             max_connections=2 * settings.max_associations,
+            reuse_port=settings.reuse_port,
         )
 
     def start(self) -> None:
@@ -122,11 +123,12 @@ class DicomListener:
         self.ae._servers.append(server)
         self.server = server
         LOGGER.info(
-            "DICOM listener %s on %s:%d%s, %d storage SOP classes, %d transfer syntaxes",
+            "DICOM listener %s on %s:%d%s%s, %d storage SOP classes, %d transfer syntaxes",
             self.settings.ae_title,
             self.settings.host,
             self.settings.port,
             " (TLS)" if context else "",
+            " (port shared, SO_REUSEPORT)" if self.settings.reuse_port else "",
             len(STORAGE_SOP_CLASSES),
             len(TRANSFER_SYNTAXES),
         )

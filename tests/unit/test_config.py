@@ -90,3 +90,11 @@ def test_reference_page_is_current() -> None:
     assert page.strip() == settings_reference().strip(), "regenerate: pacs-bridge config --reference"
     for key in ("ae_title", "allowed_calling_aets", "data_dir", "database_url", "inbox", "settle_seconds"):
         assert f"`{key}`" in page
+
+
+def test_shipped_production_example_loads() -> None:
+    """deploy/pacs-bridge.example.toml is what an administrator copies: every key in it is valid."""
+    settings = load_settings(ROOT / "deploy" / "pacs-bridge.example.toml", environ={})
+    assert settings.dicom.host == "0.0.0.0" and settings.dicom.allowed_calling_aets
+    assert settings.storage.fsync and settings.destinations[0].name == "pacs"
+    assert settings.web.host == "127.0.0.1" and not settings.web.users

@@ -88,6 +88,7 @@ _STANDARD_LOG_HANDLERS = (
 )
 # Longest wait of an idle reactor before it looks at its timers (ARTIM, idle, release and abort flags).
 _IDLE_WAIT = 0.05
+_REACTOR_WAIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -213,11 +214,24 @@ def command_problem(command: bytes) -> str | None:
     return None
 
 
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's queue of primitives for its association (A-RELEASE, A-ABORT...); a put wakes the reactor."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
 class GuardedDUL(DULServiceProvider):
     """pynetdicom's DICOM Upper Layer with bounded PDU reads (see the module docstring)."""
 
     def __init__(self, assoc: Any, limits: NetworkLimits, connected_at: float) -> None:
         super().__init__(assoc)
+        self.to_user_queue = _WakingQueue(self._wake_association)
         self.limits = limits
         self.connected_at = connected_at
         self._refused: dict[int, int] = {}
@@ -231,6 +245,15 @@ class GuardedDUL(DULServiceProvider):
         self._bell_rx, self._bell_tx = socket.socketpair()
         self._bell_rx.setblocking(False)
         self._bell_tx.setblocking(False)
+
+    def _wake_association(self) -> None:
+        """Wake the association's reactor (:class:`PromptAssociation`), which waits on its message queue."""
+        dimse = getattr(self.assoc, "dimse", None)
+        if dimse is None:
+            return
+        messages = dimse.msg_queue
+        with messages.not_empty:
+            messages.not_empty.notify_all()
 
     def _ring(self) -> None:
         """Wake the reactor if it waits (a byte on the wake-up socket)."""
@@ -311,6 +334,7 @@ class GuardedDUL(DULServiceProvider):
                 self.store_reader.close()
             self._bell_rx.close()
             self._bell_tx.close()
+            self._wake_association()  # it ends once it sees this thread gone
 
     def _abort_hard(self) -> None:
         """A-ABORT sent past the state machine, whose state can no longer be trusted (PS3.8 §9.3.8)."""
@@ -517,14 +541,17 @@ class PromptAssociation(Association):
         """Serve DIMSE requests (PS3.7 §9) as they complete; end on release, abort or timeout.
 
         The checks are pynetdicom's, in its order; only the wait differs: a
-        request that completes wakes the loop at once.
+        request that completes, a primitive from the upper layer (A-RELEASE,
+        A-ABORT) and the end of the DUL thread wake the loop at once; otherwise
+        it looks again every :data:`_REACTOR_WAIT` seconds (a kill from another
+        thread, the idle timer), instead of pynetdicom's busy loop.
         """
         self._is_paused = False
         messages = self.dimse.msg_queue
         while not self._kill:
             with messages.not_empty:  # holds the queue's own mutex: look at its deque, not qsize()
                 if not messages.queue:
-                    messages.not_empty.wait(_IDLE_WAIT / 50)
+                    messages.not_empty.wait(_REACTOR_WAIT)
             self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False

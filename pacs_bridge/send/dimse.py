@@ -24,6 +24,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -33,7 +34,7 @@ from pynetdicom.association import Association
 
 from pacs_bridge.config import DestinationSettings
 
-__all__ = ["Failure", "SendResult", "dimse_failure", "send_files", "tls_context"]
+__all__ = ["Failure", "SendResult", "dimse_failure", "keep_responses", "send_files", "tls_context"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -69,6 +70,28 @@ def dimse_failure(status: int) -> Failure:
         return Failure.PERMANENT
     return Failure.TRANSIENT
 
+
+
+def keep_responses(assoc: Association) -> Association:
+    """Let only the ``send_*`` calls of this requestor association read its DIMSE messages (PS3.7 §9.1).
+
+    pynetdicom's association thread pauses for ``send_c_store`` through a flag
+    that can be stale: a response that arrives in that moment is taken by the
+    thread, logged as "Received unexpected C-STORE service message", and the
+    request ends in a DIMSE timeout (seen with several associations at once;
+    pynetdicom issues 842 and 850). An association we request serves no
+    request from the peer (no C-GET or C-MOVE here), so the thread's
+    non-blocking reads of the message queue return nothing; the ``send_*``
+    methods read it blocking, as before. Call before the first request.
+    """
+    dimse = assoc.dimse
+    read = dimse.get_msg
+
+    def responses_only(block: bool = False) -> Any:
+        return read(block=True) if block else (None, None)
+
+    dimse.get_msg = responses_only  # type: ignore[method-assign]
+    return assoc
 
 @dataclass(frozen=True)
 class SendResult:
@@ -185,7 +208,7 @@ def send_files(
     elif datasets:
         try:
             tls_args = (tls_context(destination), host) if destination.tls else None
-            assoc = ae.associate(host, port, ae_title=called, tls_args=tls_args)
+            assoc = keep_responses(ae.associate(host, port, ae_title=called, tls_args=tls_args))
         except Exception as exc:  # bad TLS files, name resolution, ...
             error = f"cannot connect to {destination.name}: {type(exc).__name__}: {exc}"
             for path in datasets:

@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
+from pacs_bridge.send.dimse import keep_responses
 from tests.support.dicom_files import make_radiograph
 from tests.support.orthanc import OrthancServer, orthanc_available
 from tests.support.paths import FRACATLAS
@@ -62,7 +63,7 @@ def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
 def _store(port: int, datasets: list[Dataset]) -> list[int]:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE"))
     assert assoc.is_established
     statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
     assoc.release()

@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+from pacs_bridge.send.dimse import keep_responses
 from pacs_bridge.store.layout import resolve_stored
 from tests.support.dicom_files import make_radiograph
 from tests.support.hostile import deflate_bomb, raw_file_store, set_element_vr
@@ -42,7 +43,7 @@ def dx(study_uid: str, number: int = 1, **kwargs: object) -> Dataset:
 def associate(port: int) -> object:
     ae = AE(ae_title="HARDENING")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE"))
     assert assoc.is_established
     return assoc
 

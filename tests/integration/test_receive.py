@@ -19,6 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, DigitalXRayImageStorageForPresentation, Verification
 
+from pacs_bridge.send.dimse import keep_responses
 from tests.support.dicom_files import make_radiograph
 from tests.support.serve import ServeProcess
 
@@ -37,7 +38,7 @@ def store(port: int, datasets: list[Dataset], calling: str = "TEST_SCU", called:
     ae = AE(ae_title=calling)
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title=called))
     assert assoc.is_established, "association not established"
     statuses = []
     for ds in datasets:
@@ -51,7 +52,7 @@ def send_counting(port: int, datasets: list[Dataset], acknowledged: list[str]) -
     """C-STORE on one association until it ends; append each SOP Instance UID answered with success."""
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE"))
     for ds in datasets:
         if not assoc.is_established:
             return
@@ -85,7 +86,7 @@ def server(tmp_path: Path) -> ServeProcess:
 def test_echo_with_pynetdicom_and_dcmtk(server: ServeProcess) -> None:
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="PACS_BRIDGE")
+    assoc = keep_responses(ae.associate("127.0.0.1", server.port, ae_title="PACS_BRIDGE"))
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0
     assoc.release()

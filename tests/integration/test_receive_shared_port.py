@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+from pacs_bridge.send.dimse import keep_responses
 from tests.support.dicom_files import make_radiograph
 from tests.support.serve import ServeProcess, free_port, run_cli
 
@@ -33,7 +34,7 @@ STORESCU = Path("/usr/bin/storescu")
 def _send(port: int, datasets: list[Dataset], statuses: list[int]) -> None:
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE"))
     if not assoc.is_established:
         statuses.extend([-2] * len(datasets))
         return

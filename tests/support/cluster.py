@@ -23,6 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
+from pacs_bridge.send.dimse import keep_responses
 from pacs_bridge.store.db import Database, open_database
 from pacs_bridge.store.models import Job, JobKind, JobState, Study, StudyState
 from tests.support.dicom_files import make_radiograph
@@ -53,7 +54,7 @@ def store_all(port: int, datasets: Sequence[Dataset], calling: str = "MODALITY")
     """C-STORE every dataset over one association; the statuses."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE")
+    assoc = keep_responses(ae.associate("127.0.0.1", port, ae_title="PACS_BRIDGE"))
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(ds).Status) for ds in datasets]

@@ -71,7 +71,6 @@ def dimse_failure(status: int) -> Failure:
     return Failure.TRANSIENT
 
 
-
 def keep_responses(assoc: Association) -> Association:
     """Let only the ``send_*`` calls of this requestor association read its DIMSE messages (PS3.7 §9.1).
 
@@ -92,6 +91,7 @@ def keep_responses(assoc: Association) -> Association:
 
     dimse.get_msg = responses_only  # type: ignore[method-assign]
     return assoc
+
 
 @dataclass(frozen=True)
 class SendResult:

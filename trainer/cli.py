@@ -14,6 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from trainer.nets import ARCHITECTURES
+
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["default_data_dir", "evaluate_main", "export_main", "main", "train_main"]
@@ -53,11 +55,22 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="input square side in pixels")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1)
     p.add_argument("--clahe-clip", type=float, default=0.0)
+    p.add_argument("--arch", choices=ARCHITECTURES, default="compact")
     p.add_argument(
-        "--arch", choices=("compact", "heatnet", "mobilenetv2", "efficientnetb0", "densenet121"), default="compact"
+        "--width",
+        type=int,
+        default=16,
+        help="first-stage filters of the compact net and heatnet; heatnet FPN width is twice this",
     )
-    p.add_argument("--width", type=int, default=16, help="first-stage filters of the compact net")
     p.add_argument("--weights", choices=("none", "imagenet"), default="none", help="backbone initial weights")
+    p.add_argument(
+        "--frozen-stages",
+        type=int,
+        default=0,
+        choices=range(8),
+        metavar="N",
+        help="heatnet-lite0: keep the stem and the first N of 7 stages fixed (0-7)",
+    )
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -105,6 +118,7 @@ def train_main(argv: list[str]) -> int:
         arch=args.arch,
         width=args.width,
         weights=None if args.weights == "none" else args.weights,
+        frozen_stages=args.frozen_stages,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,

@@ -29,6 +29,7 @@ from pacs_bridge.imaging.preprocess import PreprocessSpec
 from pacs_bridge.inference.manifest import sha256_file
 from trainer import BODY_PARTS
 from trainer.data import load_tensors, read_dataset, read_split_csv
+from trainer.nets import HEATMAP_ARCHITECTURES
 
 LOGGER = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ def build_manifest(
 def _training_block(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("data", "licence", "attribution", "command", "split_file", "duration_seconds")
     block = {k: record.get(k) for k in keys}
+    if record.get("initial_weights"):
+        block["initial_weights"] = record["initial_weights"]
     config = record.get("config", {})
     block.update(
         {
@@ -183,7 +186,7 @@ def _training_block(record: dict[str, Any]) -> dict[str, Any]:
             "hardware": f"CPU, {record.get('threads')} thread(s)",
         }
     )
-    if config.get("arch") == "heatnet":
+    if config.get("arch") in HEATMAP_ARCHITECTURES:
         block["fusion_weight"] = record.get("fusion_weight")
         block["fusion_val_auc"] = record.get("fusion_val_auc")
     return block
@@ -232,7 +235,7 @@ def export(
         shutil.copyfile(keras_path, out_dir / "model.keras")
     training = _training_block(record)
     training["parity_max_abs_diff"] = max(diffs.values())
-    centre = record["config"].get("arch") == "heatnet"
+    centre = record["config"].get("arch") in HEATMAP_ARCHITECTURES
     manifest = build_manifest(
         name=name,
         version=version,

@@ -194,7 +194,15 @@ def train_heatnet(config: Any, splits: dict[str, list[Record]], started: float) 
     LOGGER.info("tensors ready in %.0f s", time.monotonic() - started)
 
     full, model = build_models(
-        NetConfig(arch="heatnet", size=config.size, channels=1, width=config.width, dropout=config.dropout)
+        NetConfig(
+            arch=config.arch,
+            size=config.size,
+            channels=1,
+            width=config.width,
+            dropout=config.dropout,
+            weights=config.weights,
+            frozen_stages=config.frozen_stages,
+        )
     )
     batches = _make_batches(train_set, config, RadiographAugment() if config.augment else None)
     steps = len(batches)

@@ -24,12 +24,31 @@ from trainer import BODY_PARTS
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["ARCHITECTURES", "HEATMAP_STRIDE", "NetConfig", "build_heatnet", "build_models", "set_fusion"]
+__all__ = [
+    "ARCHITECTURES",
+    "HEATMAP_ARCHITECTURES",
+    "HEATMAP_STRIDE",
+    "NetConfig",
+    "build_heatnet",
+    "build_models",
+    "lite0_features",
+    "set_fusion",
+]
 
 HEATMAP_STRIDE = 8
 """The ``heatnet`` heatmap is ``size / HEATMAP_STRIDE`` on a side."""
 
-ARCHITECTURES: tuple[str, ...] = ("compact", "heatnet", "mobilenetv2", "efficientnetb0", "densenet121")
+ARCHITECTURES: tuple[str, ...] = (
+    "compact",
+    "heatnet",
+    "heatnet-lite0",
+    "mobilenetv2",
+    "efficientnetb0",
+    "densenet121",
+)
+
+HEATMAP_ARCHITECTURES: tuple[str, ...] = ("heatnet", "heatnet-lite0")
+"""Networks with the fracture-centre heatmap head (trained by :mod:`trainer.heatnet_train`)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,8 @@ class NetConfig:
     dropout: float = 0.3
     weights: str | None = None
     final_pool: bool = False
+    frozen_stages: int = 0
+    """``heatnet-lite0``: keep the stem and this many first stages fixed (weights and batch-norm statistics)."""
 
 
 def _compact_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
@@ -99,7 +120,7 @@ def build_models(cfg: NetConfig):  # type: ignore[no-untyped-def]
     import keras
     from keras import layers
 
-    if cfg.arch == "heatnet":
+    if cfg.arch in HEATMAP_ARCHITECTURES:
         return build_heatnet(cfg)
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.arch!r}; choose from {ARCHITECTURES}")
@@ -148,8 +169,74 @@ def _heatnet_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
     return c3, c4, c5
 
 
+def lite0_features(inputs, cfg: NetConfig):  # type: ignore[no-untyped-def]
+    """EfficientNet-Lite0 (no squeeze-excite, ReLU6) from standard Keras layers: features at 1/8, 1/16, 1/32.
+
+    The input in ``[0, 1]`` is mapped to ``[-1, 1]`` (the Lite models'
+    ``(x - 127) / 128`` on 8-bit pixels). The 1/32 output is the 1280-channel
+    head convolution. With ``cfg.weights == "imagenet"`` the ImageNet weights
+    of :mod:`trainer.pretrained` are loaded into the layers named ``lite0_*``.
+    Stochastic depth (drop rate rising to 0.2 over the blocks) as in the
+    original training.
+    """
+    from keras import layers
+
+    from trainer.pretrained import LITE0_STAGES
+
+    def conv_bn(x, filters: int, kernel: int, stride: int, name: str, act: bool = True):  # type: ignore[no-untyped-def]
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
+        x = layers.BatchNormalization(epsilon=1e-3, name=f"{name}_bn")(x)
+        return layers.ReLU(6.0, name=f"{name}_relu")(x) if act else x
+
+    x = layers.Rescaling(2.0, offset=-1.0, name="lite0_scale")(inputs)
+    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="lite0_stem_conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-3, name="lite0_stem_bn")(x)
+    x = layers.ReLU(6.0, name="lite0_stem_relu")(x)
+    total = sum(stage[0] for stage in LITE0_STAGES)
+    block, channels, taps = 0, 32, []
+    for stage, (repeats, kernel, stride, expansion, filters) in enumerate(LITE0_STAGES):
+        for rep in range(repeats):
+            name = f"lite0_b{stage}_{rep}"
+            y = x
+            if expansion != 1:
+                y = conv_bn(y, channels * expansion, 1, 1, f"{name}_expand")
+            y = layers.DepthwiseConv2D(
+                kernel, strides=stride if rep == 0 else 1, padding="same", use_bias=False, name=f"{name}_dw"
+            )(y)
+            y = layers.BatchNormalization(epsilon=1e-3, name=f"{name}_dw_bn")(y)
+            y = layers.ReLU(6.0, name=f"{name}_dw_relu")(y)
+            y = conv_bn(y, filters, 1, 1, f"{name}_project", act=False)
+            if rep > 0:
+                rate = 0.2 * block / total
+                if rate > 0:
+                    y = layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(y)
+                y = layers.Add(name=f"{name}_add")([x, y])
+            x, channels, block = y, filters, block + 1
+        taps.append(x)
+    head = conv_bn(x, 1280, 1, 1, "lite0_head_conv")
+    return taps[2], taps[4], head
+
+
+def _load_lite0_imagenet(model, channels: int) -> None:  # type: ignore[no-untyped-def]
+    """Set the ``lite0_*`` layers of ``model`` from the ImageNet checkpoint."""
+    from trainer.pretrained import lite0_keras_weights, lite0_weights_path, read_legacy_state_dict
+
+    weights = lite0_keras_weights(read_legacy_state_dict(lite0_weights_path()), channels)
+    names = {layer.name for layer in model.layers if layer.name.startswith("lite0_") and layer.weights}
+    missing = names.symmetric_difference(weights)
+    if missing:
+        raise ValueError(f"ImageNet weights and network disagree on layers {sorted(missing)[:5]}")
+    for name, values in weights.items():
+        model.get_layer(name).set_weights(values)
+    LOGGER.info("loaded ImageNet EfficientNet-Lite0 weights into %d layers", len(weights))
+
+
 def build_heatnet(cfg: NetConfig):  # type: ignore[no-untyped-def]
     """The 2.x network: image classifier, fracture-centre heatmap at 1/8, body-region sigmoids.
+
+    ``cfg.arch`` picks the feature extractor: ``heatnet`` (the compact
+    residual net trained from scratch) or ``heatnet-lite0`` (EfficientNet-Lite0,
+    optionally from ImageNet weights).
 
     Returns ``(full_model, train_model)``. ``full_model`` outputs
     ``probability`` ``[N, 1]`` (the fused score, see :func:`set_fusion`),
@@ -162,7 +249,7 @@ def build_heatnet(cfg: NetConfig):  # type: ignore[no-untyped-def]
     from keras import layers
 
     inputs = keras.Input(shape=(cfg.size, cfg.size, cfg.channels), name="image")
-    c3, c4, c5 = _heatnet_features(inputs, cfg)
+    c3, c4, c5 = lite0_features(inputs, cfg) if cfg.arch == "heatnet-lite0" else _heatnet_features(inputs, cfg)
     pooled = layers.GlobalAveragePooling2D(name="gap")(c5)
     dropped = layers.Dropout(cfg.dropout, name="dropout")(pooled)
     classifier = layers.Dense(1, activation="sigmoid", name="classifier")(dropped)
@@ -195,7 +282,14 @@ def build_heatnet(cfg: NetConfig):  # type: ignore[no-untyped-def]
     train = keras.Model(
         inputs, {"classifier": classifier, "heatmap": heatmap, "body_part": body_part}, name="train_heatnet"
     )
-    LOGGER.info("built heatnet: %d parameters, heatmap %dx%d", full.count_params(), side, side)
+    if cfg.arch == "heatnet-lite0" and cfg.weights == "imagenet":
+        _load_lite0_imagenet(full, cfg.channels)
+    if cfg.arch == "heatnet-lite0" and cfg.frozen_stages:
+        frozen = ("lite0_stem_", *(f"lite0_b{stage}_" for stage in range(cfg.frozen_stages)))
+        for layer in full.layers:
+            if layer.name.startswith(frozen):
+                layer.trainable = False
+    LOGGER.info("built %s: %d parameters, heatmap %dx%d", cfg.arch, full.count_params(), side, side)
     return full, train
 
 

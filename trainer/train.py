@@ -41,7 +41,7 @@ from trainer.data import (
     stratified_split,
     write_split_csv,
 )
-from trainer.nets import NetConfig, build_models
+from trainer.nets import HEATMAP_ARCHITECTURES, NetConfig, build_models
 from trainer.splitting import read_fold_csv
 
 LOGGER = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class TrainConfig:
     arch: str = "compact"
     width: int = 16
     weights: str | None = None
+    frozen_stages: int = 0
     epochs: int = 40
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -249,8 +250,14 @@ def _make_batches(tensors: TensorSet, config: TrainConfig, spec: PreprocessSpec)
 def _copy_licence(config: TrainConfig) -> None:
     data = Path(config.data)
     source = (data if data.is_dir() else data.parent) / LICENCE_FILE
+    target = Path(config.out) / LICENCE_FILE
     if source.is_file():
-        shutil.copyfile(source, Path(config.out) / LICENCE_FILE)
+        shutil.copyfile(source, target)
+    if config.arch == "heatnet-lite0" and config.weights == "imagenet":
+        from trainer.pretrained import LITE0_PROVENANCE
+
+        with target.open("a", encoding="utf-8") as handle:
+            handle.write(f"\n\n{LITE0_PROVENANCE}\n")
 
 
 def _attribution(config: TrainConfig) -> dict[str, str]:
@@ -270,6 +277,15 @@ def _attribution(config: TrainConfig) -> dict[str, str]:
     return {"data": str(data.name), "licence": "unknown", "attribution": ""}
 
 
+def _initial_weights(config: TrainConfig) -> dict[str, str]:
+    """Provenance of pretrained weights, when the network started from any."""
+    if config.arch == "heatnet-lite0" and config.weights == "imagenet":
+        from trainer.pretrained import LITE0_PROVENANCE
+
+        return {"initial_weights": LITE0_PROVENANCE}
+    return {}
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run a full training; returns where the model is and how it went."""
     import keras
@@ -284,7 +300,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     spec = config.preprocess_spec()
     splits = prepare_splits(config)
-    if config.arch == "heatnet":
+    if config.arch in HEATMAP_ARCHITECTURES:
         return _train_heatnet(config, splits, spec, started)
     LOGGER.info("reading and preprocessing images at %d px", spec.size)
     train_set = load_tensors(splits["train"], spec)
@@ -418,6 +434,7 @@ def train(config: TrainConfig) -> TrainResult:
         "duration_seconds": round(duration, 1),
         "threads": config.threads or os.cpu_count(),
         **_attribution(config),
+        **_initial_weights(config),
     }
     (out / "training.json").write_text(json.dumps(record, indent=2))
     LOGGER.info("saved %s after %d epoch(s) in %.0f s", model_path, epochs_run, duration)
@@ -449,6 +466,7 @@ def _train_heatnet(
         "split_positives": {k: sum(r.label for r in v) for k, v in splits.items()},
         **result,
         **_attribution(config),
+        **_initial_weights(config),
     }
     (out / "training.json").write_text(json.dumps(record, indent=2))
     LOGGER.info(

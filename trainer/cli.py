@@ -171,6 +171,12 @@ def export_main(argv: list[str]) -> int:
     p.add_argument(
         "--min-box-score", type=float, default=0.2, help="centre heatmaps: least peak value that gives a box"
     )
+    p.add_argument(
+        "--flagged-box-score",
+        type=float,
+        default=0.05,
+        help="centre heatmaps: least value of a flagged image's strongest peak (boxes follow the call)",
+    )
     args = p.parse_args(argv)
     _setup_logging()
     from trainer.data import DatasetError
@@ -187,6 +193,7 @@ def export_main(argv: list[str]) -> int:
             tolerance=args.tolerance,
             keep_keras=not args.no_keras,
             min_box_score=args.min_box_score,
+            flagged_box_score=args.flagged_box_score,
         )
     except (ExportError, DatasetError) as exc:
         LOGGER.error("export failed: %s", exc)

@@ -179,9 +179,16 @@ def _body_part_accuracy(pred: Predictions) -> dict[str, Any] | None:
 
 
 def locate_findings(
-    runner: _Runner, pred: Predictions
+    runner: _Runner, pred: Predictions, threshold: float | None = None
 ) -> tuple[list[list[tuple[tuple[int, int, int, int], float]]], list[tuple[int, int] | None]]:
-    """The boxes (with scores) and peak the service would report for every prediction."""
+    """The boxes (with scores) and peak the service would report for every prediction.
+
+    ``threshold`` is the one the images are called at (the service uses the
+    manifest's); a manifest whose localisation follows the call
+    (``flagged_min_score``) needs it. ``None``: the manifest's own.
+    """
+    if threshold is None:
+        threshold = float(runner.manifest.get("threshold", 0.5))
     from pacs_bridge.inference.boxes import centre_boxes
     from pacs_bridge.inference.heatmap import locate
 
@@ -189,7 +196,8 @@ def locate_findings(
     peaks: list[tuple[int, int] | None] = []
     for i, heat in enumerate(pred.heatmaps):
         if runner.kind == "centre":
-            found = centre_boxes(heat, pred.letterboxes[i], runner.localisation)
+            flagged = bool(pred.probability[i] >= threshold)
+            found = centre_boxes(heat, pred.letterboxes[i], runner.localisation, flagged=flagged)
             all_boxes.append(found.boxes)
             peaks.append(found.peak)
         else:
@@ -205,7 +213,7 @@ def _localisation(runner: _Runner, pred: Predictions, threshold: float) -> tuple
     examples: list[dict[str, Any]] = []
     if not pred.heatmaps:
         return {"available": False}, examples
-    boxes, peaks = locate_findings(runner, pred)
+    boxes, peaks = locate_findings(runner, pred, threshold)
     hits: list[bool] = []
     strict_hits: list[bool] = []
     chance: list[float] = []

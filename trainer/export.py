@@ -203,6 +203,7 @@ def export(
     tolerance: float = 1e-4,
     keep_keras: bool = True,
     min_box_score: float = 0.2,
+    flagged_box_score: float = 0.05,
 ) -> Path:
     """Export a training run folder into a model folder; returns the manifest path."""
     import keras
@@ -244,7 +245,11 @@ def export(
         spec=spec,
         training=training,
         heatmap_kind="centre" if centre else "cam",
-        localisation={"min_score": min_box_score, "extent": 0.5, "max_boxes": 3} if centre else None,
+        localisation=(
+            {"min_score": min_box_score, "extent": 0.5, "max_boxes": 3, "flagged_min_score": flagged_box_score}
+            if centre
+            else None
+        ),
     )
     manifest_path = out_dir / "model.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}

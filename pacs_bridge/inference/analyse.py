@@ -20,7 +20,9 @@ Localisation depends on the manifest's ``outputs.heatmap_kind``: a ``cam``
 peak (:func:`pacs_bridge.inference.heatmap.locate`); a ``centre`` map (2.x)
 gives up to ``localisation.max_boxes`` scored boxes from its peaks
 (:func:`pacs_bridge.inference.boxes.centre_boxes`), none when no cell reaches
-``localisation.min_score``. :func:`analyser_from_settings` builds the analyser
+``localisation.min_score``; with ``localisation.flagged_min_score`` the boxes
+follow the call (a flagged image always shows its strongest peak, an image
+below the threshold none). :func:`analyser_from_settings` builds the analyser
 from the one settings object (:func:`pacs_bridge.config.load_settings`), for
 ``pacs-bridge serve`` and ``pacs-bridge infer`` alike.
 """
@@ -290,7 +292,7 @@ class Analyser:
         if "heatmap" in outputs:
             raw = outputs["heatmap"][row]
             if manifest.outputs.heatmap_kind == "centre":
-                found = centre_boxes(raw, letterbox, manifest.localisation)
+                found = centre_boxes(raw, letterbox, manifest.localisation, flagged=probability >= manifest.threshold)
                 boxes, peak = found.boxes, found.peak
                 box = list(boxes[0][0]) if boxes else None
                 if self.keep_heatmap:

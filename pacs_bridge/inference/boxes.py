@@ -16,7 +16,14 @@ Gaussians that are 1 at a box's centre and ``extent`` (0.5) on its edges, so:
 3. the box's **score** is the peak value.
 
 An image whose map has no cell at ``min_score`` gets no box and no peak, so
-nothing is drawn over empty background. These are the boxes shown to the
+nothing is drawn over empty background.
+
+With ``flagged_min_score`` set (models from 2.1.0), the marks follow the
+call: an image the model flags (probability at or above the manifest's
+threshold) always gets its strongest peak, from ``flagged_min_score`` up, and
+further peaks from ``min_score``; an image below the threshold gets none. So
+a suspected fracture is always shown where the model sees it, and an image
+called negative never carries a mark, as in the commercial readers. These are the boxes shown to the
 radiologist (the SCOORD in the TID 1500 SR, PS3.16, and the outline on the
 annotated secondary capture, PS3.3 A.8).
 """
@@ -46,10 +53,14 @@ class LocalisationSpec:
     min_score: float = 0.2
     extent: float = 0.5
     max_boxes: int = 3
+    flagged_min_score: float | None = None
+    """When set: boxes only on flagged images, whose strongest peak counts from this score."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_score < 1.0:
             raise ValueError("localisation.min_score must be in (0, 1)")
+        if self.flagged_min_score is not None and not 0.0 < self.flagged_min_score <= self.min_score:
+            raise ValueError("localisation.flagged_min_score must be in (0, min_score]")
         if not 0.0 < self.extent < 1.0:
             raise ValueError("localisation.extent must be in (0, 1)")
         if not 1 <= self.max_boxes <= 20:
@@ -68,22 +79,35 @@ def _to_original(x: float, y: float, letterbox: Letterbox) -> tuple[float, float
     return (x - letterbox.pad_x) / letterbox.scale, (y - letterbox.pad_y) / letterbox.scale
 
 
-def centre_boxes(heatmap: npt.NDArray[np.floating], letterbox: Letterbox, spec: LocalisationSpec) -> CentreBoxes:
-    """Read the boxes of a ``(h, w)`` centre heatmap over the square input (see the module docstring)."""
+def centre_boxes(
+    heatmap: npt.NDArray[np.floating], letterbox: Letterbox, spec: LocalisationSpec, *, flagged: bool | None = None
+) -> CentreBoxes:
+    """Read the boxes of a ``(h, w)`` centre heatmap over the square input (see the module docstring).
+
+    ``flagged`` is whether the image's probability reaches the threshold; with
+    ``spec.flagged_min_score`` set, an image not flagged gets no box, and a
+    flagged one its strongest peak from that score. ``None`` (the call not
+    known) reads every peak from ``min_score``.
+    """
+    first_floor = spec.min_score
+    if spec.flagged_min_score is not None and flagged is not None:
+        if not flagged:
+            return CentreBoxes(boxes=[], peak=None)
+        first_floor = spec.flagged_min_score
     grid = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     if grid.ndim != 2 or grid.shape[0] == 0:
         raise ValueError(f"heatmap must be 2-D, got shape {grid.shape}")
     rows, cols = grid.shape
     stride_y, stride_x = letterbox.size / rows, letterbox.size / cols
     local_max = cv2.dilate(grid, np.ones((3, 3), np.uint8))
-    candidates = np.argwhere((grid >= local_max) & (grid >= spec.min_score))
+    candidates = np.argwhere((grid >= local_max) & (grid >= first_floor))
     order = sorted(((float(grid[r, c]), int(r), int(c)) for r, c in candidates), reverse=True)
     height, width = letterbox.shape
     boxes: list[tuple[Box, float]] = []
     grid_boxes: list[tuple[int, int, int, int]] = []
     peak: tuple[int, int] | None = None
     for value, r, c in order:
-        if len(boxes) >= spec.max_boxes:
+        if len(boxes) >= spec.max_boxes or (boxes and value < spec.min_score):
             break
         if any(gx0 <= c < gx1 and gy0 <= r < gy1 for gx0, gy0, gx1, gy1 in grid_boxes):
             continue

@@ -189,3 +189,23 @@ def test_expand_paths(tmp_path: Path) -> None:
         tmp_path / "b" / "2.dcm",
         tmp_path / "x.png",
     ]
+
+
+def test_shipped_model_marks_follow_the_call_on_real_radiographs() -> None:
+    """The bundled model on real FracAtlas radiographs: a box and a peak exactly on the flagged images."""
+    images = REPO / "tests" / "fixtures" / "fracatlas" / "images"
+    proc = _infer("--model", str(REPO / "models" / "fracatlas-cnn"), "--json", str(images))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(records) == 10
+    flagged = [r for r in records if r["fracture"]]
+    assert flagged and len(flagged) < len(records)  # both calls occur
+    for record in records:
+        assert record["fracture"] == (record["probability"] >= record["threshold"])
+        if not record["fracture"]:
+            assert record["boxes"] == [] and record["box"] is None and record["peak"] is None
+            continue
+        assert 1 <= len(record["boxes"]) <= 3
+        x0, y0, x1, y1 = record["box"]
+        assert x0 <= record["peak"][0] < x1 and y0 <= record["peak"][1] < y1
+        assert (x1 - x0) * (y1 - y0) < 0.10 * 512 * 512  # a mark on the fracture, not on the whole image

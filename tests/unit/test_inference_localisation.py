@@ -52,6 +52,30 @@ def test_centre_boxes_nothing_on_a_quiet_map_and_at_most_max_boxes() -> None:
     assert [s for _, s in found.boxes] == sorted((s for _, s in found.boxes), reverse=True)
 
 
+def test_centre_boxes_follow_the_call_with_flagged_min_score() -> None:
+    letterbox = Letterbox(scale=1.0, pad_x=0, pad_y=0, shape=(512, 512), size=512)
+    spec = LocalisationSpec(min_score=0.2, extent=0.5, flagged_min_score=0.05)
+    # A faint peak (0.12) and a fainter one (0.08): under min_score, over flagged_min_score.
+    faint = np.maximum(_gaussian(64, 20.5, 30.5, 2.0, 2.0, 0.12), _gaussian(64, 50.5, 10.5, 2.0, 2.0, 0.08))
+    flagged = centre_boxes(faint, letterbox, spec, flagged=True)
+    assert [round(score, 2) for _, score in flagged.boxes] == [0.12]  # only the strongest peak under min_score
+    assert flagged.peak == (int(20.5 * 8), int(30.5 * 8))
+    # Called negative: no mark at all, even over a strong peak.
+    strong = _gaussian(64, 20.5, 30.5, 2.0, 2.0, 0.9)
+    assert centre_boxes(strong, letterbox, spec, flagged=False) == centre_boxes(
+        np.zeros((64, 64), np.float32), letterbox, spec
+    )
+    assert centre_boxes(strong, letterbox, spec, flagged=False).boxes == []
+    assert centre_boxes(strong, letterbox, spec, flagged=False).peak is None
+    # A flagged image over a flat, near-zero map still gets nothing: no box over empty background.
+    assert centre_boxes(np.full((64, 64), 0.01, np.float32), letterbox, spec, flagged=True).boxes == []
+    # Without flagged_min_score, or with the call unknown, every peak needs min_score.
+    assert centre_boxes(faint, letterbox, LocalisationSpec(min_score=0.2), flagged=True).boxes == []
+    assert centre_boxes(faint, letterbox, spec).boxes == []
+    with pytest.raises(ValueError, match="flagged_min_score"):
+        LocalisationSpec(min_score=0.2, flagged_min_score=0.3)
+
+
 def test_plausibility_refuses_small_flat_and_noise_accepts_radiograph() -> None:
     rng = np.random.default_rng(0)
     assert "too small" in (implausible_reason(rng.random((64, 64))) or "")

@@ -104,7 +104,7 @@ def test_heatnet_grouped_train_export_evaluate(tmp_path: Path) -> None:
     manifest = json.loads((model_dir / "model.json").read_text())
     assert manifest["outputs"]["heatmap_kind"] == "centre"
     assert manifest["outputs"]["body_part_activation"] == "sigmoid"
-    assert manifest["localisation"] == {"min_score": 0.2, "extent": 0.5, "max_boxes": 3}
+    assert manifest["localisation"] == {"min_score": 0.2, "extent": 0.5, "max_boxes": 3, "flagged_min_score": 0.05}
     assert manifest["training"]["parity_max_abs_diff"] <= 1e-4
 
     assert evaluate_main(["--model", str(model_dir), "--data", str(DATA), "--bootstrap", "20"]) == 0

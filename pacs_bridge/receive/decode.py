@@ -62,16 +62,23 @@ def dataset_from_c_store(encoded: bytes, transfer_syntax: str, limit: int) -> Da
     return decode(io.BytesIO(encoded), ts.is_implicit_VR, ts.is_little_endian, False)
 
 
-def dataset_from_received_file(path: Path, transfer_syntax: str, limit: int) -> Dataset:
+def dataset_from_received_file(path: Path, transfer_syntax: str, limit: int, data_offset: int | None = None) -> Dataset:
     """The data set of a C-STORE request written to ``path`` as a PS3.10 file while it arrived.
 
     Values longer than 64 KiB (the pixel data) stay on disk: the data set
     holds their length, which is all the checks need. A deflated data set is
-    inflated within ``limit`` like any other.
+    inflated within ``limit`` like any other. ``data_offset``: where the data
+    set begins, when the receiver wrote the File Meta Information itself (it
+    is then not read back; the data set is read in ``transfer_syntax``).
     """
-    if UID(transfer_syntax).is_deflated:
+    ts = UID(transfer_syntax)
+    if ts.is_deflated:
         return dataset_from_part10(path.read_bytes(), limit)
-    return dcmread(path, defer_size=_DEFER_BYTES, force=False)
+    if data_offset is None:
+        return dcmread(path, defer_size=_DEFER_BYTES, force=False)
+    with open(path, "rb") as handle:
+        handle.seek(data_offset)
+        return read_dataset(handle, ts.is_implicit_VR, ts.is_little_endian, defer_size=_DEFER_BYTES)
 
 
 def dataset_from_part10(data: bytes, limit: int) -> Dataset:

@@ -112,6 +112,8 @@ class ReceivedStore:
     write_error: OSError | None = None
     cut_at: int | None = None
     """Bytes received when the data set was cut short for its size (``[dicom] max_instance_mb``)."""
+    data_offset: int | None = None
+    """Where the data set begins in ``staged`` when the receiver wrote its File Meta Information itself."""
 
 
 def _from_event(event: Any, staged: Path | None) -> ReceivedStore:
@@ -244,7 +246,7 @@ class Handlers:
         try:
             if staged is not None:
                 # The PS3.10 file written while the data set arrived: the bytes to keep, already on disk.
-                ds = dataset_from_received_file(staged, transfer_syntax, limit)
+                ds = dataset_from_received_file(staged, transfer_syntax, limit, received.data_offset)
                 size = staged.stat().st_size
                 chunks: tuple[bytes, ...] = ()
             else:

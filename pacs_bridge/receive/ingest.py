@@ -135,9 +135,10 @@ def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
     except (AttributeError, TypeError, ValueError, OverflowError, KeyError):
         return  # no usable geometry: nothing to compare with; analysis will refuse the image if it must
     expected = (bits + 7) // 8
-    element: Any = ds.get_item("PixelData")
-    # A value left on disk while reading (``defer_size``) has its length but no value yet.
-    actual = int(element.length) if getattr(element, "value", b"") is None else len(ds.PixelData)
+    # A value left on disk while reading (``defer_size``) has its length but no value yet: it stays on disk.
+    element: Any = ds.get_item("PixelData", keep_deferred=True)
+    value = getattr(element, "value", None)
+    actual = int(element.length) if value is None else len(value)
     if actual < expected:
         raise RejectedInstance(f"pixel data truncated: {actual} of {expected} bytes")
 

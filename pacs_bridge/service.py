@@ -256,6 +256,8 @@ class Service:
             runner.stop()
         for role in self.roles:
             self.health.stopped(role)
+        if self.ingestor is not None:
+            self.ingestor.close()
         if self.db is not None:
             try:
                 self.health.flush(self.db)

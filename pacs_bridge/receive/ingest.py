@@ -32,8 +32,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from pacs_bridge.errors import OutOfResources, RejectedInstance
 from pacs_bridge.logsafe import redact
@@ -182,6 +182,9 @@ class Ingestor:
         # One writer at a time keeps SQLite free of lock contention and makes the
         # duplicate check and the insert one step; file writes happen outside it.
         self._index_lock = threading.Lock()
+        # The index transactions run on one held connection (under the lock): no pool checkout and
+        # reset per instance. It is dropped after any error and opened again by the next commit.
+        self._conn: Connection | None = None
         # A new study's settle job is due when its quiet period ([study] settle_seconds) could be over.
         self._index = FastIndex(settle_seconds=settle_seconds)
         self._claims = _Claims()
@@ -332,7 +335,7 @@ class Ingestor:
         )
         try:
             added = self._commit(record)
-        except (OperationalError, IntegrityError, OSError) as exc:
+        except (SQLAlchemyError, OSError) as exc:  # any database failure, a broken connection included
             LOGGER.error("instance %s not indexed, refused: %s", sop_uid, _error_text(exc))
             self._discard(path)
             return IngestOutcome(
@@ -402,10 +405,13 @@ class Ingestor:
             try:
                 with self._index_lock:
                     try:
-                        with self.db.engine.begin() as conn:
-                            return self._index.add(conn, record)
+                        if self._conn is None:
+                            self._conn = self.db.engine.connect()
+                        with self._conn.begin():
+                            return self._index.add(self._conn, record)
                     except BaseException:
                         self._index.clear()
+                        self._drop_connection()
                         raise
             except IntegrityError:
                 # Another worker (PostgreSQL) inserted the same UID first: it is a duplicate now.
@@ -415,6 +421,19 @@ class Ingestor:
                 if attempts >= 5:
                     raise
                 time.sleep(0.05 * attempts)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:  # a broken connection may fail to close; it is gone either way
+                LOGGER.debug("index connection closed with an error: %s", exc)
+
+    def close(self) -> None:
+        """Give the held index connection back (at shutdown, before the engine is disposed)."""
+        with self._index_lock:
+            self._drop_connection()
 
     def _index_file(self, path: Path, source: str) -> str:
         """Index one spool file from its own content; raises when it cannot (unreadable, wrong name)."""

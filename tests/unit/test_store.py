@@ -80,3 +80,30 @@ def test_bad_uid_is_refused_before_any_file(tmp_path: Path) -> None:
     assert outcome.status == STATUS_CANNOT_UNDERSTAND
     assert "SeriesInstanceUID" in outcome.message
     assert list(ingestor.spool.files()) == []
+
+
+def test_broken_index_connection_refuses_one_store_then_recovers(tmp_path: Path) -> None:
+    """The held index connection breaks: that store is not acknowledged, the next one opens a new connection."""
+    ingestor = _ingestor(tmp_path)
+    study_uid = generate_uid()
+
+    def store(n: int) -> int:
+        ds = make_radiograph(np.zeros((32, 32)), study_uid, instance_number=n)
+        raw = encode(ds, False, True)
+        outcome = ingestor.ingest(
+            ds, (raw,), size=len(raw), transfer_syntax="1.2.840.10008.1.2.1", calling_aet="MOD", source="dicom"
+        )
+        assert outcome.retryable or outcome.ok
+        return outcome.status
+
+    assert store(1) == 0
+    held = ingestor._conn
+    assert held is not None
+    held.connection.dbapi_connection.close()  # type: ignore[union-attr]
+    assert store(2) == 0xA700  # out of resources: the sender tries again
+    assert store(3) == 0 and store(4) == 0
+    with ingestor.db.sessions() as session:
+        assert sorted(i.instance_number for i in session.scalars(select(Instance))) == [1, 3, 4]
+    assert len(list(ingestor.spool.files())) == 3  # the refused store left no file behind
+    ingestor.close()
+    assert ingestor._conn is None

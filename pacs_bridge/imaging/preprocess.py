@@ -176,4 +176,4 @@ def to_original(heatmap: npt.NDArray[Any], box: Letterbox) -> FloatImage:
     new_rows = max(1, round(rows * box.scale))
     new_cols = max(1, round(cols * box.scale))
     crop = full[box.pad_y : box.pad_y + new_rows, box.pad_x : box.pad_x + new_cols]
-    return cv2.resize(crop, (cols, rows), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    return np.asarray(cv2.resize(crop, (cols, rows), interpolation=cv2.INTER_LINEAR), dtype=np.float32)

@@ -298,9 +298,11 @@ class Analyser:
                 if self.keep_heatmap:
                     # Shown relative to the top peak, so the hot region is the top box's own half-maximum area;
                     # a map with no peak at min_score shows nothing (no heat over empty background).
-                    grid = np.asarray(raw, dtype=np.float32)
-                    relative = np.clip(grid / np.float32(boxes[0][1]), 0.0, 1.0) if boxes else np.zeros_like(grid)
-                    heatmap = to_original(relative, letterbox)
+                    if boxes:
+                        grid = np.asarray(raw, dtype=np.float32)
+                        heatmap = to_original(np.clip(grid / np.float32(boxes[0][1]), 0.0, 1.0), letterbox)
+                    else:
+                        heatmap = np.zeros(letterbox.shape, dtype=np.float32)  # nothing to map back
             else:
                 located = locate(raw, letterbox, self.heatmap_threshold)
                 box, peak = located.box, located.peak

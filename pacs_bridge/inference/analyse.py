@@ -281,6 +281,7 @@ class Analyser:
         probability = float(np.clip(outputs["probability"][row], 0.0, 1.0))
         if not np.isfinite(probability):
             raise ValueError("the model returned a non-finite probability")
+        flagged = probability >= manifest.threshold
         body_part: str | None = None
         if "body_part" in outputs and manifest.body_parts:
             best = int(np.argmax(outputs["body_part"][row]))
@@ -292,7 +293,7 @@ class Analyser:
         if "heatmap" in outputs:
             raw = outputs["heatmap"][row]
             if manifest.outputs.heatmap_kind == "centre":
-                found = centre_boxes(raw, letterbox, manifest.localisation, flagged=probability >= manifest.threshold)
+                found = centre_boxes(raw, letterbox, manifest.localisation, flagged=flagged)
                 boxes, peak = found.boxes, found.peak
                 box = list(boxes[0][0]) if boxes else None
                 if self.keep_heatmap:
@@ -312,7 +313,7 @@ class Analyser:
         return ImageFinding(
             path=key,
             probability=probability,
-            fracture=probability >= manifest.threshold,
+            fracture=flagged,
             threshold=manifest.threshold,
             body_part=body_part,
             box=box,

@@ -156,6 +156,8 @@ class _Incoming:
     received: int = 0
     cut_at: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    data_offset: int | None = None
+    """Where the data set begins in ``file`` (after the preamble and File Meta Information written here)."""
 
 
 class StoreReader:
@@ -295,7 +297,7 @@ class StoreReader:
             # The File Meta Information as pynetdicom writes it for a streamed data set (PS3.10 7.1).
             head = file_preamble_and_meta(_text(sop_class), _text(sop_instance), incoming.meta["transfer_syntax"])
             temp.write(head)
-            incoming.meta["data_offset"] = len(head)
+            incoming.data_offset = len(head)
         self._incoming = incoming
 
     def _data(self, incoming: _Incoming, fragment: memoryview) -> None:
@@ -348,7 +350,7 @@ class StoreReader:
             staged=staged,
             write_error=take_write_error(staged) if staged is not None else None,
             cut_at=incoming.cut_at,
-            data_offset=incoming.meta.get("data_offset"),
+            data_offset=incoming.data_offset,
         )
         try:
             status = self._store(self.assoc, received)

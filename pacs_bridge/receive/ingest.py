@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from pacs_bridge.errors import OutOfResources, RejectedInstance
 from pacs_bridge.logsafe import redact
+from pacs_bridge.receive.attributes import check_pixel_data, describe, uid_text
 from pacs_bridge.receive.decode import dataset_from_part10
 from pacs_bridge.receive.failed import FailedFolder
 from pacs_bridge.store.db import Database
@@ -85,62 +85,6 @@ class IngestOutcome:
     def ok(self) -> bool:
         """True if the instance is safely stored (new or duplicate)."""
         return self.status == STATUS_SUCCESS
-
-
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value).strip()[:limit] or None
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def _describe(ds: Dataset) -> dict[str, Any]:
-    """Every attribute the index keeps besides the UIDs; raises if one cannot be read (unknown VR, bad value)."""
-    return {
-        "modality": _text(ds, "Modality", 16),
-        "body_part_examined": _text(ds, "BodyPartExamined", 64),
-        "patient_id": _text(ds, "PatientID", 64),
-        "patient_name": _text(ds, "PatientName", 324),
-        "accession_number": _text(ds, "AccessionNumber", 16),
-        "study_date": _text(ds, "StudyDate", 8),
-        "study_description": _text(ds, "StudyDescription", 64),
-        "series_number": _int(ds, "SeriesNumber"),
-        "series_description": _text(ds, "SeriesDescription", 64),
-        "instance_number": _int(ds, "InstanceNumber"),
-    }
-
-
-def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
-    """Refuse native Pixel Data shorter than Rows x Columns x Samples x Frames x Bits Allocated (PS3.5 8.1.1).
-
-    Encapsulated (compressed) pixel data is left to the decoder. Raises
-    :class:`RejectedInstance` for truncated data; an unreadable Pixel Data
-    element raises whatever pydicom raises.
-    """
-    if "PixelData" not in ds or UID(transfer_syntax).is_compressed:
-        return
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = (
-            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * max(frames, 1) * int(ds.BitsAllocated)
-        )
-    except (AttributeError, TypeError, ValueError, OverflowError, KeyError):
-        return  # no usable geometry: nothing to compare with; analysis will refuse the image if it must
-    expected = (bits + 7) // 8
-    # A value left on disk while reading (``defer_size``) has its length but no value yet: it stays on disk.
-    element: Any = ds.get_item("PixelData", keep_deferred=True)
-    value = getattr(element, "value", None)
-    actual = int(element.length) if value is None else len(value)
-    if actual < expected:
-        raise RejectedInstance(f"pixel data truncated: {actual} of {expected} bytes")
 
 
 class _Claims:
@@ -192,8 +136,7 @@ class Ingestor:
     def _identify(self, ds: Dataset, transfer_syntax: str | None) -> tuple[str, str, str, str]:
         uids = {}
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            value = ds.get(keyword)
-            text = str(value).strip("\x00 ") if value is not None else ""
+            text = uid_text(ds, keyword)
             if not text:
                 raise RejectedInstance(f"missing {keyword}")
             if not valid_uid(text):
@@ -214,7 +157,7 @@ class Ingestor:
         except Exception as exc:  # a malformed element can raise anything while being read
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND, f"unreadable data set: {_error_text(exc)}")
         try:
-            attributes = _describe(ds)
+            attributes = describe(ds)
             check_pixel_data(ds, transfer_syntax)
         except RejectedInstance as exc:
             return IngestOutcome(STATUS_CANNOT_UNDERSTAND, str(exc), uids[0], uids[2])
@@ -452,7 +395,7 @@ class Ingestor:
             size_bytes=path.stat().st_size,
             calling_aet=None,
             source=source,
-            **_describe(ds),
+            **describe(ds),
         )
         return "indexed" if self._commit(record).new else "already indexed"
 

@@ -393,6 +393,27 @@ def _apply_voi(
     return out, WindowInfo("percentile", (low + high) / 2.0, high - low, "LINEAR_EXACT")
 
 
+_LOOKUP_CHUNK = 32_768
+
+
+def _look_up(table: FloatImage, stored: npt.NDArray[Any], minimum: int) -> FloatImage:
+    """``table[stored - minimum]`` for 8/16-bit ``stored``, in blocks.
+
+    ``np.take`` turns its indices into 64-bit integers first: over a whole
+    radiograph that is a 40 MB temporary for a 10 MB image, and with ``out``
+    it buffers unless told the indices are in range. Blocks of 32 K pixels keep
+    the indices in cache; the values are the same.
+    """
+    flat = stored.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.float32)
+    for start in range(0, flat.size, _LOOKUP_CHUNK):
+        block = flat[start : start + _LOOKUP_CHUNK]
+        index = block if minimum == 0 else block.astype(np.int32) - minimum
+        # Every index is within the table (it spans the stored type), so no bounds check ("clip").
+        np.take(table, index, out=out[start : start + _LOOKUP_CHUNK], mode="clip")
+    return out.reshape(stored.shape)
+
+
 def decode(source: Dataset | str | PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode a DICOM file or dataset into a :class:`DecodedImage`.
 
@@ -418,6 +439,7 @@ def decode(source: Dataset | str | PathLike[str], *, max_pixels: int = DEFAULT_M
             raise DicomDecodeError(f"{name}: decoded pixel data has shape {stored.shape}, expected {expected_shape}")
 
     padding = 0
+    tabulated = False
     if photometric in _COLOUR:
         rgb = stored.astype(np.float32) / float(2**stored_bits - 1)
         pixels = np.clip(rgb @ _LUMA, 0.0, 1.0).astype(np.float32)
@@ -449,13 +471,15 @@ def decode(source: Dataset | str | PathLike[str], *, max_pixels: int = DEFAULT_M
         if photometric == "MONOCHROME1":
             pixels = 1.0 - pixels
         if tabulate and info is not None:
-            index = stored if info.min == 0 else stored.astype(np.int32) - info.min
-            pixels = np.take(pixels, index)
+            if not np.isfinite(pixels).all():  # the table holds every value the image can take
+                raise DicomDecodeError(f"{name}: pixel values are not finite after the LUTs")
+            pixels = _look_up(np.asarray(pixels, dtype=np.float32), stored, info.min)
+            tabulated = True
         if mask is not None:
             pixels[mask] = 0.0
             padding = int(mask.sum())
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-    if not np.isfinite(pixels).all():
+    if not tabulated and not np.isfinite(pixels).all():
         raise DicomDecodeError(f"{name}: pixel values are not finite after the LUTs")
     sop = ds.get("SOPClassUID")
     modality = ds.get("Modality")

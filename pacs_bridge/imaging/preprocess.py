@@ -146,7 +146,11 @@ def preprocess(image: npt.NDArray[Any], spec: PreprocessSpec) -> tuple[FloatImag
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
     if image.shape[0] < 8 or image.shape[1] < 8:
         raise ValueError(f"image too small to analyse: {image.shape[1]}x{image.shape[0]}")
-    img = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    img = np.asarray(image, dtype=np.float32)
+    # A decoded image is already within [0, 1]: one read to know it, instead of a clipped copy.
+    low, high = cv2.minMaxLoc(img)[:2]
+    if not (low >= 0.0 and high <= 1.0):
+        img = np.clip(img, 0.0, 1.0)
     img = _enhance(img, spec)
     square, box = _letterbox(img, spec)
     tensor = np.repeat(square[:, :, None], spec.channels, axis=2) if spec.channels == 3 else square[:, :, None]

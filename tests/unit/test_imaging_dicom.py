@@ -315,3 +315,26 @@ def test_reference_files_from_pydicom(name: str, shape: tuple[int, int]) -> None
     decoded = decode(pydicom_file(name))
     assert decoded.pixels.shape == shape
     assert 0.0 <= float(decoded.pixels.min()) <= float(decoded.pixels.max()) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int8, np.int16])
+def test_table_look_up_in_blocks_gives_the_table_values(dtype: type) -> None:
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(3)
+    table = rng.random(int(info.max) - int(info.min) + 1, dtype=np.float32)
+    # Not a multiple of the block size, and every extreme value present.
+    stored = rng.integers(info.min, int(info.max) + 1, size=(301, 257), dtype=dtype)
+    stored[0, :2] = (info.min, info.max)
+    looked_up = dicom._look_up(table, stored, int(info.min))
+    assert looked_up.shape == stored.shape and looked_up.dtype == np.float32
+    np.testing.assert_array_equal(looked_up, table[stored.astype(np.int64) - int(info.min)])
+
+
+def test_preprocess_clips_only_what_is_out_of_range() -> None:
+    rng = np.random.default_rng(5)
+    inside = rng.random((300, 200), dtype=np.float32)
+    outside = inside * np.float32(2.0) - np.float32(0.5)
+    np.testing.assert_array_equal(preprocess(outside, SPEC)[0], preprocess(np.clip(outside, 0.0, 1.0), SPEC)[0])
+    before = inside.copy()
+    preprocess(inside, SPEC)
+    np.testing.assert_array_equal(inside, before)  # the caller's image is not changed

@@ -9,7 +9,7 @@ repetition. pacs-bridge runs with fsync on (its default) and, for reference,
 off; storescp never fsyncs. The disk's own ceiling is measured too: the same
 bytes written, fsynced, linked and their folder fsynced, with no network.
 
-    python bench/bench_ingest.py [--small 500] [--large 40] [--repeat 3] [--out docs/benchmarks-ingest.md]
+    python bench/bench_ingest.py [--small 500] [--large 40] [--repeat 3] [--sets small,large] [--out docs/benchmarks-ingest.md]
 """
 
 from __future__ import annotations
@@ -233,6 +233,9 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=40)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-ingest.md")
+    parser.add_argument(
+        "--sets", default="small,large", help="comma-separated sets to run (small, large); default both"
+    )
     args = parser.parse_args()
     if not Path(STORESCU).exists() or not Path(STORESCP).exists():
         print("DCMTK is not installed (apt-get install dcmtk)", file=sys.stderr)
@@ -244,7 +247,13 @@ def main() -> int:
             "small": (args.small, (140, 140)),
             "large": (args.large, (1900, 1850)),
         }
+        wanted = {name.strip() for name in args.sets.split(",") if name.strip()}
+        unknown = wanted - set(sets)
+        if unknown:
+            parser.error(f"unknown set(s): {', '.join(sorted(unknown))}")
         for label, (count, shape) in sets.items():
+            if label not in wanted:
+                continue
             for parallel in (1, 4):
                 folder = work / f"{label}-{parallel}"
                 subdirs = make_set(folder, count, shape, parallel)

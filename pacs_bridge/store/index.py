@@ -69,12 +69,24 @@ def _merge_modalities(current: str | None, modality: str | None) -> str | None:
     return "\\".join(sorted(values))
 
 
-def _select_or_insert(conn: Connection, find: Any, add: Any, uid: str, values: dict[str, Any]) -> int:
-    """The id of the row whose UID is ``uid`` (statement ``find``), inserted from ``values`` by ``add`` if none."""
-    found = conn.execute(find, {"uid": uid}).scalar()
-    if found is not None:
-        return int(found)
-    return int(conn.execute(add, values).scalar_one())
+def _insert_or_select(conn: Connection, add: dict[str, Any], find: Any, uid: str, values: dict[str, Any]) -> int:
+    """The id of the row whose UID is ``uid``: inserted from ``values`` (``add``, by dialect), or found by ``find``.
+
+    The insert does nothing where the UID is taken (``ON CONFLICT DO NOTHING ... RETURNING``): a new
+    row costs one statement, a known one two, and another writer's row is found, not an error.
+    """
+    added = conn.execute(add[conn.dialect.name], values).scalar()
+    if added is not None:
+        return int(added)
+    return int(conn.execute(find, {"uid": uid}).scalar_one())
+
+
+def _add_if_absent(model: Any, uid_column: Any, id_column: Any) -> dict[str, Any]:
+    """``INSERT ... ON CONFLICT (uid) DO NOTHING RETURNING id`` for each dialect the index runs on."""
+    return {
+        name: dialect.insert(model).on_conflict_do_nothing(index_elements=[uid_column]).returning(id_column)
+        for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+    }
 
 
 # Statements built once: each instance only binds its values, so SQLAlchemy finds the compiled
@@ -94,9 +106,9 @@ _STUDY_RECEIVED = (
 )
 _INSERT_INSTANCE = insert(Instance)
 _FIND_STUDY = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
-_ADD_STUDY = insert(Study).returning(Study.id)
+_ADD_STUDY = _add_if_absent(Study, Study.study_instance_uid, Study.id)
 _FIND_SERIES = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
-_ADD_SERIES = insert(Series).returning(Series.id)
+_ADD_SERIES = _add_if_absent(Series, Series.series_instance_uid, Series.id)
 _STUDY_MODALITIES = select(Study.modalities).where(Study.id == bindparam("sid"))
 _SET_MODALITIES = update(Study).where(Study.id == bindparam("sid")).values(modalities=bindparam("modalities"))
 _QUEUE_SETTLE_SQLITE = sqlite.insert(Job).on_conflict_do_nothing()
@@ -158,10 +170,10 @@ class FastIndex:
         self._trim()
         study_id = self._studies.get(record.study_instance_uid)
         if study_id is None:
-            study_id = _select_or_insert(
+            study_id = _insert_or_select(
                 conn,
-                _FIND_STUDY,
                 _ADD_STUDY,
+                _FIND_STUDY,
                 record.study_instance_uid,
                 dict(
                     study_instance_uid=record.study_instance_uid,
@@ -190,10 +202,10 @@ class FastIndex:
         conn.execute(_STUDY_RECEIVED, {"sid": study_id, "now": now, "size": record.size_bytes})
         series_id = self._series.get(record.series_instance_uid)
         if series_id is None:
-            series_id = _select_or_insert(
+            series_id = _insert_or_select(
                 conn,
-                _FIND_SERIES,
                 _ADD_SERIES,
+                _FIND_SERIES,
                 record.series_instance_uid,
                 dict(
                     series_instance_uid=record.series_instance_uid,

@@ -107,3 +107,34 @@ def test_broken_index_connection_refuses_one_store_then_recovers(tmp_path: Path)
     assert len(list(ingestor.spool.files())) == 3  # the refused store left no file behind
     ingestor.close()
     assert ingestor._conn is None
+
+
+def test_index_finds_study_and_series_another_writer_added(tmp_path: Path) -> None:
+    """A second index (another process, or this one after a restart) adds into rows it has not cached."""
+    from pacs_bridge.store.index import FastIndex, InstanceRecord
+
+    db = open_database(f"sqlite:///{tmp_path / 'index.db'}")
+    study, series = generate_uid(), generate_uid()
+
+    def record(sop: str) -> InstanceRecord:
+        return InstanceRecord(
+            study,
+            series,
+            sop,
+            "1.2.840.10008.5.1.4.1.1.1.1",
+            "1.2.840.10008.1.2.1",
+            Path(f"{sop}.dcm"),
+            1,
+            "A",
+            "dicom",
+        )
+
+    for index in (FastIndex(), FastIndex()):
+        with db.engine.connect() as conn, conn.begin():
+            assert index.add(conn, record(generate_uid())).new
+    with db.sessions() as session:
+        assert len(session.scalars(select(Study)).all()) == 1
+        assert len(session.scalars(select(Series)).all()) == 1
+        instances = session.scalars(select(Instance)).all()
+        assert len(instances) == 2 and instances[0].series_id == instances[1].series_id
+    db.engine.dispose()

@@ -9,7 +9,8 @@ repetition. pacs-bridge runs with fsync on (its default) and, for reference,
 off; storescp never fsyncs. The disk's own ceiling is measured too: the same
 bytes written, fsynced, linked and their folder fsynced, with no network.
 
-    python bench/bench_ingest.py [--small 500] [--large 40] [--repeat 3] [--sets small,large] [--out docs/benchmarks-ingest.md]
+    python bench/bench_ingest.py [--small 500] [--large 40] [--repeat 3]
+        [--sets small,large] [--out docs/benchmarks-ingest.md]
 """
 
 from __future__ import annotations

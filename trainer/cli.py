@@ -43,6 +43,17 @@ def _command(prog: str, argv: list[str]) -> str:
     return " ".join(["pacs-bridge", prog, *(shlex.quote(a) for a in argv)])
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a rate in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pacs-bridge train", description="Train the fracture-detection CNN.")
     p.add_argument(
@@ -209,7 +220,19 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--split-file", type=Path, default=None, help="default: <model>/splits.csv")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: the model folder)")
     p.add_argument("--history", type=Path, default=None, help="history.csv for training curves")
-    p.add_argument("--min-sensitivity", type=float, default=0.90, help="threshold rule on the validation split")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--min-sensitivity",
+        type=_fraction,
+        default=0.90,
+        help="threshold rule (default): the highest threshold with this validation sensitivity (default 0.90)",
+    )
+    rule.add_argument(
+        "--min-specificity",
+        type=_fraction,
+        default=None,
+        help="threshold rule instead: the lowest threshold with this validation specificity",
+    )
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--no-update-manifest", action="store_true", help="do not write threshold/metrics to model.json")
     p.add_argument(
@@ -228,6 +251,7 @@ def evaluate_main(argv: list[str]) -> int:
             out_dir=args.out,
             history=args.history,
             min_sensitivity=args.min_sensitivity,
+            min_specificity=args.min_specificity,
             n_bootstrap=args.bootstrap,
             update_manifest=not args.no_update_manifest,
             command=_command("evaluate", argv),

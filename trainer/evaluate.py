@@ -8,8 +8,10 @@ The model is run as the service runs it: images are read with
 manifest and the checksum). When that module is not importable, ONNX Runtime
 is used directly with the same inputs.
 
-Steps: choose the decision threshold on the validation split (highest
-threshold with validation sensitivity >= ``min_sensitivity``), compute the
+Steps: choose the decision threshold on the validation split (by default the
+highest threshold with validation sensitivity >= ``min_sensitivity``; with
+``min_specificity`` instead, the lowest threshold with validation
+specificity >= it), compute the
 test-split metrics with bootstrap 95% intervals, per body region, the
 localisation of the boxes and peaks the service would report (the same
 functions: :func:`pacs_bridge.inference.boxes.centre_boxes` for ``centre``
@@ -44,6 +46,7 @@ from trainer.metrics import (
     box_area_fraction,
     box_iou,
     choose_threshold,
+    choose_threshold_at_specificity,
     delong_test,
     paired_bootstrap_auc,
     point_in_boxes,
@@ -406,6 +409,7 @@ def evaluate(
     out_dir: Path | None = None,
     history: Path | None = None,
     min_sensitivity: float = 0.90,
+    min_specificity: float | None = None,
     n_bootstrap: int = 2000,
     update_manifest: bool = True,
     command: str = "",
@@ -425,8 +429,12 @@ def evaluate(
 
     val = predict_records(runner, splits["val"])
     test = predict_records(runner, splits["test"])
-    threshold = choose_threshold(val.labels, val.probability, min_sensitivity)
-    rule = f"highest threshold with validation sensitivity >= {min_sensitivity:.2f}"
+    if min_specificity is not None:
+        threshold = choose_threshold_at_specificity(val.labels, val.probability, min_specificity)
+        rule = f"lowest threshold with validation specificity >= {min_specificity:.2f}"
+    else:
+        threshold = choose_threshold(val.labels, val.probability, min_sensitivity)
+        rule = f"highest threshold with validation sensitivity >= {min_sensitivity:.2f}"
     val_metrics = binary_metrics(val.labels, val.probability, threshold)
     test_metrics = binary_metrics(test.labels, test.probability, threshold)
     ci = bootstrap_ci(test.labels, test.probability, threshold, n_resamples=n_bootstrap, seed=seed)

@@ -27,7 +27,13 @@ from trainer.data import (
     stratified_split,
     write_split_csv,
 )
-from trainer.metrics import binary_metrics, box_area_fraction, choose_threshold, peak_in_boxes
+from trainer.metrics import (
+    binary_metrics,
+    box_area_fraction,
+    choose_threshold,
+    choose_threshold_at_specificity,
+    peak_in_boxes,
+)
 
 
 def _image(path: Path, seed: int = 0, size: tuple[int, int] = (40, 32)) -> Path:
@@ -252,6 +258,16 @@ def test_threshold_rule_and_localisation_helpers() -> None:
     threshold = choose_threshold(labels, scores, 0.9)
     assert threshold == pytest.approx(0.2)
     assert binary_metrics(labels, scores, threshold)["sensitivity"] == pytest.approx(0.9)
+    # Specificity anchor: 2 of the 3 negatives (0.05, 0.45) must fall below; halfway to the next score, 0.5.
+    at_spec = choose_threshold_at_specificity(labels, scores, 0.66)
+    assert at_spec == pytest.approx((0.45 + 0.5) / 2)
+    assert binary_metrics(labels, scores, at_spec)["specificity"] == pytest.approx(2 / 3)
+    assert binary_metrics(labels, scores, at_spec)["sensitivity"] == pytest.approx(0.5)
+    assert choose_threshold_at_specificity(labels, scores, 1.0) == pytest.approx(0.65)
+    with pytest.raises(ValueError, match="negative"):
+        choose_threshold_at_specificity(np.ones(3), np.ones(3), 0.7)
+    with pytest.raises(ValueError, match="specificity"):
+        choose_threshold_at_specificity(labels, scores, 0.0)
     heat = np.zeros((10, 20), dtype=np.float32)
     heat[5, 15] = 1.0
     assert peak_in_boxes(heat, [(14, 4, 16, 6)])

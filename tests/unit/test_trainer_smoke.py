@@ -111,6 +111,15 @@ def test_heatnet_grouped_train_export_evaluate(tmp_path: Path) -> None:
     summary = json.loads((model_dir / "metrics.json").read_text())
     assert summary["localisation"]["available"] is True
 
+    # The specificity-anchored rule, into another folder: the manifest keeps the first threshold.
+    spec_out = tmp_path / "eval-spec"
+    argv = ["--model", str(model_dir), "--data", str(DATA), "--bootstrap", "20", "--out", str(spec_out)]
+    assert evaluate_main([*argv, "--min-specificity", "0.7", "--no-update-manifest"]) == 0
+    at_spec = json.loads((spec_out / "metrics.json").read_text())
+    assert at_spec["threshold_rule"] == "lowest threshold with validation specificity >= 0.70"
+    assert at_spec["validation"]["specificity"] >= 0.7
+    assert json.loads((model_dir / "model.json").read_text())["threshold"] == round(summary["threshold"], 6)
+
     analyse = pytest.importorskip("pacs_bridge.inference.analyse")
     model_mod = pytest.importorskip("pacs_bridge.inference.model")
     model = model_mod.load_model(model_dir, providers="cpu")
